@@ -1,0 +1,29 @@
+# Local mode needs no Docker: `make run` and `make test` install what is missing first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+.PHONY: help bootstrap run test lint clean compose-up compose-test compose-down
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+
+bootstrap: ## install nginx, redis-server, libssl-dev (apt, when missing) and .venv with uWSGI built with SSL
+	scripts/bootstrap.sh
+
+run: bootstrap ## run the stack as local processes on http://127.0.0.1:8080 (Ctrl-C stops it)
+	.venv/bin/python scripts/stack.py
+
+test: ## run every test against a freshly started local stack; TEST_ARGS="-k idle" narrows it
+	scripts/test.sh $(TEST_ARGS)
+
+clean: ## remove the virtualenv and run-time files
+	rm -rf .venv .run
+
+compose-up: ## Docker: build and start the stack
+	docker compose up --build
+
+compose-test: ## Docker: run the suite in the tests container against nginx
+	docker compose --profile test run --rm --build tests
+
+compose-down: ## Docker: stop and remove the stack
+	docker compose --profile test down --volumes --remove-orphans

@@ -1,0 +1,27 @@
+"""The JSON body both apps answer on /healthz.
+
+The app being able to answer at all proves it loaded (uWSGI runs with need-app).
+Redis is reported, not required: the echo path does not use it.
+"""
+import json
+import os
+
+import redis
+
+REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
+_redis = redis.Redis.from_url(REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+
+
+def redis_status():
+    try:
+        _redis.ping()
+        return "ok"
+    except redis.RedisError as exc:
+        return f"unavailable: {exc.__class__.__name__}"
+
+
+def report(app_name):
+    """Return (http status line, headers, body bytes) for the health endpoint."""
+    body = json.dumps({"status": "ok", "app": app_name, "pid": os.getpid(), "redis": redis_status()}).encode()
+    headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Content-Length", str(len(body)))]
+    return "200 OK", headers, body

@@ -1,0 +1,163 @@
+"""Make Flask-uWSGI-WebSocket 0.6.1 (its last release, 2018) work on today's stack.
+
+Import this module instead of flask_uwsgi_websocket; app code keeps the package's
+API (`ws = GeventWebSocket(app)`, `@ws.route(...)`, `client.receive()/send()`).
+Each fix names the upstream problem it works around; tests/test_flask_compat.py
+shows each one is needed by running without it.
+
+1. FLASK3_SETUPMETHOD  the package does `from flask.app import setupmethod`;
+   Flask 3 moved it to flask.sansio.scaffold -> ImportError on import.
+2. PY311_ASYNCIO       its optional asyncio flavour uses `@asyncio.coroutine`,
+   removed in Python 3.11 -> AttributeError on import (not caught by the package,
+   which only expects ImportError). We never use that flavour, so we make its
+   import fail the way the package already handles.
+3. WERKZEUG_WS_RULES   Werkzeug >= 2 matches a WebSocket request only against
+   Rule(websocket=True); the package builds plain Rules -> every WebSocket route 404s.
+   Plain HTTP requests to such a route now get 426 instead of falling through to 404.
+4. GEVENT_EMPTY_MESSAGES  the gevent middleware queues the b'' that
+   uwsgi.websocket_recv_nb() returns for "nothing to read" after every message and
+   on every idle wake-up (upstream issue #39), so a handler echoing whatever is not
+   None floods the browser with empty messages. Its loop also wakes every second per
+   connection. The middleware below queues only real messages and sleeps until the
+   socket is readable, the handler sends, or the next ping is due.
+   Limitation: uWSGI's API cannot tell an empty message from "nothing to read", so an
+   empty message from a client is not delivered to flask-app handlers.
+"""
+import asyncio
+import sys
+
+import flask.app
+
+FIXES = ("FLASK3_SETUPMETHOD", "PY311_ASYNCIO", "WERKZEUG_WS_RULES", "GEVENT_EMPTY_MESSAGES")
+
+
+def fix_flask3_setupmethod():
+    if not hasattr(flask.app, "setupmethod"):
+        from flask.sansio.scaffold import setupmethod
+
+        flask.app.setupmethod = setupmethod
+
+
+def fix_py311_asyncio():
+    if not hasattr(asyncio, "coroutine"):
+        # A None entry makes `from ._asyncio import *` raise ImportError, which the
+        # package turns into its "asyncio not available" placeholder class.
+        sys.modules.setdefault("flask_uwsgi_websocket._asyncio", None)
+
+
+def import_package(skip=()):
+    """Apply the import-time fixes (minus those named in `skip`, for tests) and import the package."""
+    if "FLASK3_SETUPMETHOD" not in skip:
+        fix_flask3_setupmethod()
+    if "PY311_ASYNCIO" not in skip:
+        fix_py311_asyncio()
+    import flask_uwsgi_websocket
+
+    return flask_uwsgi_websocket
+
+
+_package = import_package()
+
+# Everything below needs the package, which needs the fixes above first.
+import gevent  # noqa: E402
+from gevent.event import Event  # noqa: E402
+from gevent.queue import Queue  # noqa: E402
+from werkzeug.exceptions import HTTPException  # noqa: E402
+from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
+
+from wsstack import http  # noqa: E402
+
+uwsgi = _package.uwsgi
+
+
+def _ping_interval():
+    # The same setting uWSGI uses for its pings (option websockets-ping-freq, default 30).
+    if uwsgi is None:
+        return 30.0
+    value = uwsgi.opt.get("websockets-ping-freq", b"30")
+    return float(value.decode() if isinstance(value, bytes) else value)
+
+
+class WebSocketRoutesMixin:
+    """Fix 3: register WebSocket routes as Rule(websocket=True)."""
+
+    def add_url_rule(self, rule, endpoint=None, view_func=None, **options):
+        assert view_func is not None, "view_func is mandatory"
+        endpoint = endpoint or view_func.__name__
+        existing = self.view_functions.get(endpoint)
+        if existing is not None and existing is not view_func:
+            raise AssertionError(f"View function mapping is overwriting an existing endpoint function: {endpoint}")
+        self.url_map.add(Rule(rule, endpoint=endpoint, methods=("GET",), websocket=True, **options))
+        self.view_functions[endpoint] = view_func
+
+
+class GeventMiddleware(_package.GeventWebSocketMiddleware):
+    """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
+
+    ping_interval = _ping_interval()
+
+    def __call__(self, environ, start_response):
+        try:
+            endpoint, args = self.websocket.url_map.bind_to_environ(environ).match()
+        except WebsocketMismatch:
+            return http.respond(start_response, http.upgrade_required())
+        except HTTPException:
+            return self.wsgi_app(environ, start_response)
+        key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
+        if not key:
+            return http.respond(start_response, http.bad_handshake("missing Sec-WebSocket-Key"))
+        uwsgi.websocket_handshake(key, environ.get("HTTP_ORIGIN", ""))
+        self.serve(self.websocket.view_functions[endpoint], args, environ)
+        return []
+
+    def serve(self, view, args, environ):
+        # uWSGI's websocket calls only work from the request's own greenlet (the gevent
+        # plugin finds the request through it), so this greenlet does all socket I/O and
+        # the view runs in its own greenlet, talking to us through the two queues.
+        send_event, send_queue, recv_queue, readable = Event(), Queue(), Queue(), Event()
+        client = self.client(environ, uwsgi.connection_fd(), send_event, send_queue, readable, recv_queue,
+                             self.websocket.timeout)
+        watcher = gevent.get_hub().loop.io(client.fd, 1)
+        watcher.start(readable.set)
+        handler = gevent.spawn(view, client, **args)
+        try:
+            while client.connected and not handler.ready():
+                gevent.wait([handler, send_event, readable], count=1, timeout=self.ping_interval)
+                self._flush(client, send_event, send_queue)
+                # Also runs on a timeout: recv_nb is where uWSGI sends its pings.
+                readable.clear()
+                self._drain(client, recv_queue)
+            self._flush(client, send_event, send_queue)
+        finally:
+            watcher.stop()
+            watcher.close()
+            client.connected = False
+            recv_queue.put(None)  # a view blocked in receive() sees the close
+            handler.join(self.websocket.timeout)
+            handler.kill()
+
+    @staticmethod
+    def _flush(client, send_event, send_queue):
+        send_event.clear()
+        try:
+            while client.connected and not send_queue.empty():
+                uwsgi.websocket_send(send_queue.get_nowait())
+        except OSError:
+            client.connected = False
+
+    @staticmethod
+    def _drain(client, recv_queue):
+        try:
+            while client.connected:
+                message = uwsgi.websocket_recv_nb()
+                if not message:  # b'' means "nothing more to read", never a message
+                    return
+                recv_queue.put(message)
+        except OSError:
+            client.connected = False
+
+
+class GeventWebSocket(WebSocketRoutesMixin, _package.GeventWebSocket):
+    """Drop-in for flask_uwsgi_websocket.GeventWebSocket with fixes 3 and 4."""
+
+    middleware = GeventMiddleware

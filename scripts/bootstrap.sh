@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Install everything local mode and the test suite need, on a bare Debian + Python machine:
+#   - Debian packages (when missing): nginx, redis-server, envsubst, libssl-dev (uWSGI's
+#     WebSocket handshake needs SSL at build time)
+#   - .venv with the apps' and the tests' pinned Python dependencies, uWSGI compiled with SSL
+# Idempotent and quick when nothing changed (a stamp records the requirements installed).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+
+apt_packages=()
+command -v nginx >/dev/null || apt_packages+=(nginx)
+command -v redis-server >/dev/null || apt_packages+=(redis-server)
+command -v envsubst >/dev/null || apt_packages+=(gettext-base)
+dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
+command -v gcc >/dev/null || apt_packages+=(gcc)
+if [ ${#apt_packages[@]} -gt 0 ]; then
+    echo "bootstrap: installing Debian packages: ${apt_packages[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    # policy-rc.d-less machines would start the packaged services: we run our own instances.
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
+fi
+
+requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt)
+stamp="$VENV/.requirements.sha256"
+wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv "$VENV"
+fi
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+    echo "bootstrap: installing Python dependencies into $VENV"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+    # --no-cache-dir for uWSGI: a wheel cached from a build without libssl-dev would come back without SSL.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI \
+        $(printf -- '-r %s ' "${requirements[@]}")
+    # The Compose Specification JSON schema for tests/test_static.py; only its data file is used.
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps docker-compose==1.29.2
+    echo "$wanted" >"$stamp"
+fi
+
+if ! "$VENV/bin/uwsgi" --cflags | tr ' ' '\n' | grep -qx -- -DUWSGI_SSL; then
+    echo "bootstrap: $VENV/bin/uwsgi lacks SSL support; rebuilding it against libssl-dev"
+    "$VENV/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI --force-reinstall --no-deps \
+        "$(grep -h '^uWSGI==' uwsgi-app/requirements.txt)"
+    "$VENV/bin/uwsgi" --cflags | tr ' ' '\n' | grep -qx -- -DUWSGI_SSL || { echo "bootstrap: uWSGI still built without SSL" >&2; exit 1; }
+fi
+echo "bootstrap: ready (nginx $(nginx -v 2>&1 | cut -d/ -f2), redis $(redis-server --version | grep -o "v=[0-9.]*" | cut -d= -f2), uWSGI $("$VENV/bin/uwsgi" --version) with SSL)"

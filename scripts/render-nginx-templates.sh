@@ -1,0 +1,23 @@
+#!/bin/sh
+# Render nginx templates exactly as the official nginx image does at container start
+# (/docker-entrypoint.d/20-envsubst-on-templates.sh): every TEMPLATE_DIR/*.template becomes
+# OUTPUT_DIR/<name without .template>, substituting only the environment variables whose
+# names match NGINX_ENVSUBST_FILTER, so nginx's own $variables are left alone.
+# Unlike the image, a variable the template uses but the environment lacks is an error.
+#   usage: render-nginx-templates.sh TEMPLATE_DIR OUTPUT_DIR
+set -eu
+template_dir=$1
+output_dir=$2
+filter=${NGINX_ENVSUBST_FILTER:?set NGINX_ENVSUBST_FILTER, e.g. ^NGINX_}
+
+defined_envs=$(printf '${%s} ' $(awk "END { for (name in ENVIRON) { print ( name ~ /${filter}/ ) ? name : \"\" } }" </dev/null))
+mkdir -p "$output_dir"
+for template in "$template_dir"/*.template; do
+    output="$output_dir/$(basename "$template" .template)"
+    envsubst "$defined_envs" <"$template" >"$output"
+    missing=$(grep -o '\${NGINX_[A-Z0-9_]*}' "$output" | sort -u | tr '\n' ' ' || true)
+    if [ -n "$missing" ]; then
+        echo "render-nginx-templates: $template uses unset variables: $missing" >&2
+        exit 1
+    fi
+done

@@ -1,0 +1,273 @@
+"""Run the whole stack as local processes: `make run` (foreground) without Docker.
+
+Starts redis-server, uwsgi-app, flask-app and nginx from the same config files the
+containers use (uwsgi-app/uwsgi.ini, flask-app/uwsgi.ini, nginx/nginx.conf and
+nginx/templates/*.template rendered the same way), waits until each passes its health
+check, and relays their output prefixed with the service name. SIGINT or SIGTERM stops
+them in order (nginx, apps, redis), gracefully, then forcibly after a grace period;
+nothing is left running. If a service dies, the rest are stopped and the exit status
+is non-zero.
+
+Every child carries STACK_INSTANCE_ID in its environment, so a test can prove that no
+process of a stopped stack survives.
+"""
+import ipaddress
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "common"))
+
+from wsstack import probe  # noqa: E402
+
+# Local-mode defaults. The container defaults live in the Dockerfiles and docker-compose.yml;
+# tests/test_config.py keeps the shared ones equal.
+DEFAULTS = {
+    "NGINX_HOST": "127.0.0.1",
+    "NGINX_PORT": "8080",
+    "NGINX_PROXY_READ_TIMEOUT": "60s",
+    "LOCAL_UWSGI_APP_PORT": "8001",
+    "LOCAL_FLASK_APP_PORT": "8002",
+    "LOCAL_REDIS_PORT": "6379",
+    "LOCAL_RUN_DIR": str(REPO / ".run"),
+    "LOCAL_STARTUP_TIMEOUT": "60",
+    "LOCAL_STOP_TIMEOUT": "20",
+    "UWSGI_WEBSOCKETS_PING_FREQ": "20",
+}
+PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
+NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
+NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
+
+
+class ConfigError(SystemExit):
+    def __init__(self, message):
+        super().__init__(f"stack: invalid configuration: {message}")
+
+
+def nginx_seconds(name, value):
+    match = NGINX_TIME.match(value)
+    if not match:
+        raise ConfigError(f"{name}={value!r} is not an nginx time such as 60s or 2m")
+    return int(match.group(1)) * NGINX_TIME_UNITS[match.group(2)]
+
+
+def load_settings(environ):
+    settings = {name: environ.get(name, default) for name, default in DEFAULTS.items()}
+    for name in PORT_SETTINGS:
+        value = settings[name]
+        if not value.isdigit() or not 0 < int(value) < 65536:
+            raise ConfigError(f"{name}={value!r} is not a TCP port")
+    if len({settings[name] for name in PORT_SETTINGS}) != len(PORT_SETTINGS):
+        raise ConfigError(f"{', '.join(PORT_SETTINGS)} must all differ")
+    try:
+        address = ipaddress.ip_address(settings["NGINX_HOST"])
+    except ValueError as exc:
+        raise ConfigError(f"NGINX_HOST={settings['NGINX_HOST']!r} is not an IP address") from exc
+    if not address.is_loopback:
+        raise ConfigError("NGINX_HOST must be a loopback address in local mode")
+    for name in ("LOCAL_STARTUP_TIMEOUT", "LOCAL_STOP_TIMEOUT", "UWSGI_WEBSOCKETS_PING_FREQ"):
+        if not settings[name].isdigit() or int(settings[name]) < 1:
+            raise ConfigError(f"{name}={settings[name]!r} must be a whole number of seconds >= 1")
+    read_timeout = nginx_seconds("NGINX_PROXY_READ_TIMEOUT", settings["NGINX_PROXY_READ_TIMEOUT"])
+    if read_timeout <= int(settings["UWSGI_WEBSOCKETS_PING_FREQ"]):
+        raise ConfigError(
+            "NGINX_PROXY_READ_TIMEOUT must exceed UWSGI_WEBSOCKETS_PING_FREQ, "
+            "or nginx closes idle WebSockets between two pings"
+        )
+    return settings
+
+
+class Service:
+    def __init__(self, name, argv, env, cwd, ready, stop_signal=signal.SIGTERM):
+        self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
+        self.ready, self.stop_signal = ready, stop_signal
+        self.process = None
+
+    def start(self):
+        # A session of its own: the terminal's Ctrl-C reaches only us, and we stop the
+        # services in order; killpg then reaches uWSGI workers and nginx workers too.
+        self.process = subprocess.Popen(
+            self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, start_new_session=True,
+        )
+        threading.Thread(target=self._relay, daemon=True).start()
+
+    def _relay(self):
+        for line in self.process.stdout:
+            sys.stdout.write(f"{self.name:<10} | {line.decode(errors='replace')}")
+            sys.stdout.flush()
+
+    def alive(self):
+        return self.process is not None and self.process.poll() is None
+
+    def signal_group(self, signum):
+        try:
+            os.killpg(self.process.pid, signum)
+        except ProcessLookupError:
+            pass
+
+    def stop(self, timeout):
+        if self.process is None:
+            return
+        if self.alive():
+            self.signal_group(self.stop_signal)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                print(f"stack: {self.name} did not stop within {timeout}s, killing it", flush=True)
+        # Whatever is left in the group (the leader exited, a worker lingers) goes now.
+        self.signal_group(signal.SIGKILL)
+        self.process.wait()
+
+
+def redis_ready(port):
+    def check():
+        import socket
+
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+            sock.sendall(b"PING\r\n")
+            if not sock.recv(64).startswith(b"+PONG"):
+                raise RuntimeError("redis did not answer PONG")
+
+    return check
+
+
+def nginx_ready(url):
+    def check():
+        with urllib.request.urlopen(url + "/healthz", timeout=2) as response:
+            if response.status != 200:
+                raise RuntimeError(f"/healthz answered {response.status}")
+
+    return check
+
+
+def prepare_nginx(settings, env, run_dir):
+    """The nginx prefix: links to the repo's nginx.conf and the system mime.types, plus conf.d rendered from templates."""
+    prefix = run_dir / "nginx"
+    if prefix.exists():
+        shutil.rmtree(prefix)
+    prefix.mkdir(parents=True)
+    (prefix / "nginx.conf").symlink_to(REPO / "nginx" / "nginx.conf")
+    (prefix / "mime.types").symlink_to("/etc/nginx/mime.types")
+    subprocess.run(
+        [str(REPO / "scripts" / "render-nginx-templates.sh"), str(REPO / "nginx" / "templates"), str(prefix / "conf.d")],
+        env=env, check=True,
+    )
+    return prefix
+
+
+def build_services(settings, instance_id):
+    run_dir = Path(settings["LOCAL_RUN_DIR"]).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    bin_dir = Path(sys.executable).parent
+    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("LOCAL_", "NGINX_"))}
+    base_env["STACK_INSTANCE_ID"] = instance_id
+    base_env["UWSGI_WEBSOCKETS_PING_FREQ"] = settings["UWSGI_WEBSOCKETS_PING_FREQ"]
+    redis_port = int(settings["LOCAL_REDIS_PORT"])
+    base_env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+
+    nginx_env = dict(base_env, NGINX_ENVSUBST_FILTER="^NGINX_")
+    nginx_env.update({k: v for k, v in settings.items() if k.startswith("NGINX_")})
+    nginx_env["NGINX_UWSGI_APP_UPSTREAM"] = f"127.0.0.1:{settings['LOCAL_UWSGI_APP_PORT']}"
+    nginx_env["NGINX_FLASK_APP_UPSTREAM"] = f"127.0.0.1:{settings['LOCAL_FLASK_APP_PORT']}"
+    nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
+    prefix = prepare_nginx(settings, nginx_env, run_dir)
+
+    redis_dir = run_dir / "redis"
+    redis_dir.mkdir(exist_ok=True)
+    services = [
+        Service(
+            "redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
+                      "--appendonly", "no", "--dir", str(redis_dir)],
+            base_env, REPO, redis_ready(redis_port),
+        )
+    ]
+    for name, port_setting in (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT")):
+        port = settings[port_setting]
+        services.append(
+            Service(
+                name, [str(bin_dir / "uwsgi"), "--ini", str(REPO / name / "uwsgi.ini")],
+                dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}"), REPO,
+                lambda port=port: probe.probe(f"http://127.0.0.1:{port}"),
+            )
+        )
+    url = f"http://{settings['NGINX_HOST']}:{settings['NGINX_PORT']}"
+    services.append(
+        Service(
+            "nginx", ["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
+            nginx_env, REPO, nginx_ready(url),
+            # SIGQUIT: graceful; worker_shutdown_timeout bounds how long upgraded connections may hold it.
+            stop_signal=signal.SIGQUIT,
+        )
+    )
+    return services, url
+
+
+class Stack:
+    def __init__(self, settings):
+        self.settings = settings
+        self.instance_id = uuid.uuid4().hex
+        self.services, self.url = build_services(settings, self.instance_id)
+        self.stopping = threading.Event()
+
+    def wait_ready(self, service, deadline):
+        last_error = None
+        while time.monotonic() < deadline and not self.stopping.is_set():
+            if not service.alive():
+                raise RuntimeError(f"{service.name} exited with status {service.process.returncode} during start-up")
+            try:
+                service.ready()
+                return
+            except (OSError, RuntimeError, ValueError) as exc:
+                last_error = exc
+            self.stopping.wait(0.2)  # poll interval between health checks
+        if not self.stopping.is_set():
+            raise RuntimeError(f"{service.name} not healthy after {self.settings['LOCAL_STARTUP_TIMEOUT']}s: {last_error}")
+
+    def run(self):
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: self.stopping.set())
+        status = 0
+        try:
+            deadline = time.monotonic() + int(self.settings["LOCAL_STARTUP_TIMEOUT"])
+            for service in self.services:
+                if self.stopping.is_set():
+                    break
+                service.start()
+                self.wait_ready(service, deadline)
+            if not self.stopping.is_set():
+                print(f"stack: ready at {self.url}/ (instance {self.instance_id}); Ctrl-C stops it", flush=True)
+            while not self.stopping.wait(0.5):
+                dead = [s for s in self.services if not s.alive()]
+                if dead:
+                    raise RuntimeError(f"{dead[0].name} exited unexpectedly with status {dead[0].process.returncode}")
+        except RuntimeError as exc:
+            print(f"stack: {exc}", flush=True)
+            status = 1
+        finally:
+            print("stack: stopping", flush=True)
+            for service in reversed(self.services):
+                service.stop(int(self.settings["LOCAL_STOP_TIMEOUT"]))
+            print("stack: stopped", flush=True)
+        return status
+
+
+def main():
+    settings = load_settings(os.environ)
+    for tool in ("nginx", "redis-server", "envsubst"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")
+    return Stack(settings).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The test lifecycle in one place (what `make test` runs): install what is missing, start
+# the stack in local mode with the test timings, wait for its health checks, run the whole
+# suite against nginx, stop the stack, and exit with the suite's status.
+#   scripts/test.sh [pytest args...]     e.g. scripts/test.sh -k idle
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+scripts/bootstrap.sh
+
+# Short intervals so the suite can prove an idle WebSocket outlives nginx's proxy timeout.
+export UWSGI_WEBSOCKETS_PING_FREQ=${UWSGI_WEBSOCKETS_PING_FREQ:-2}
+export NGINX_PROXY_READ_TIMEOUT=${NGINX_PROXY_READ_TIMEOUT:-5s}
+export NGINX_PORT=${NGINX_PORT:-8080}
+export STACK_BASE_URL=${STACK_BASE_URL:-http://127.0.0.1:${NGINX_PORT}}
+export STACK_MODE=local
+mkdir -p .run
+log=.run/stack-test.log
+
+.venv/bin/python scripts/stack.py >"$log" 2>&1 &
+stack_pid=$!
+stop_stack() {
+    kill -TERM "$stack_pid" 2>/dev/null || true
+    wait "$stack_pid" 2>/dev/null || true
+}
+trap stop_stack EXIT
+
+# Readiness is the stack's own health checks: stack.py prints "ready" only after each
+# service passed its probe; we give up at once if it exits instead.
+until grep -q '^stack: ready' "$log"; do
+    if ! kill -0 "$stack_pid" 2>/dev/null; then
+        echo "test: the stack failed to start; its output:" >&2
+        cat "$log" >&2
+        exit 1
+    fi
+    sleep 0.2
+done
+# ...and both apps answer through nginx, as the tests will reach them.
+for app in uwsgi flask; do
+    PYTHONPATH=common .venv/bin/python -m wsstack.probe "$STACK_BASE_URL/$app"
+done
+
+status=0
+.venv/bin/python -m pytest -c tests/pytest.ini tests "$@" || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "test: pytest collected no tests; that is a failure here" >&2
+    status=1
+fi
+if [ "$status" -ne 0 ]; then
+    echo "test: stack log: $log (last lines below)" >&2
+    tail -n 40 "$log" >&2
+fi
+exit "$status"

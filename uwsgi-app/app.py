@@ -1,0 +1,40 @@
+"""uwsgi-app: WebSocket echo on uWSGI's native API, no web framework.
+
+Routes (nginx mounts them under /uwsgi/):
+  GET /healthz   JSON health, 200 once the app is loaded
+  GET /ws/echo   WebSocket: every message comes back unchanged, in order
+"""
+import uwsgi
+
+from wsstack import health, http, settings, uwsgi_build
+
+APP_NAME = "uwsgi-app"
+
+uwsgi_build.require_ssl()
+settings.check_uwsgi_options(uwsgi.opt)
+
+
+def echo(environ, start_response):
+    if not http.is_websocket_upgrade(environ):
+        return http.respond(start_response, http.upgrade_required())
+    key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
+    if not key:
+        return http.respond(start_response, http.bad_handshake("missing Sec-WebSocket-Key"))
+    uwsgi.websocket_handshake(key, environ.get("HTTP_ORIGIN", ""))
+    while True:
+        try:
+            # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
+            # and pings go out every websockets-ping-freq seconds while it waits.
+            message = uwsgi.websocket_recv()
+            uwsgi.websocket_send(message)
+        except OSError:  # peer closed, pong timeout or write error: the connection is over
+            return []
+
+
+def application(environ, start_response):
+    path = environ.get("PATH_INFO", "")
+    if path == "/ws/echo":
+        return echo(environ, start_response)
+    if path == "/healthz":
+        return http.respond(start_response, health.report(APP_NAME))
+    return http.respond(start_response, http.not_found())
