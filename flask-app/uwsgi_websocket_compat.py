@@ -56,7 +56,7 @@ def import_package(skip=()):
     return flask_uwsgi_websocket
 
 
-_package = import_package()
+flask_uwsgi_websocket = import_package()
 
 # Everything below needs the package, which needs the fixes above first.
 import gevent  # noqa: E402
@@ -67,7 +67,7 @@ from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
 from wsstack import http  # noqa: E402
 
-uwsgi = _package.uwsgi
+uwsgi = flask_uwsgi_websocket.uwsgi
 
 
 def _ping_interval():
@@ -91,7 +91,7 @@ class WebSocketRoutesMixin:
         self.view_functions[endpoint] = view_func
 
 
-class GeventMiddleware(_package.GeventWebSocketMiddleware):
+class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
     """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
 
     ping_interval = _ping_interval()
@@ -157,7 +157,7 @@ class GeventMiddleware(_package.GeventWebSocketMiddleware):
             client.connected = False
 
 
-class GeventWebSocket(WebSocketRoutesMixin, _package.GeventWebSocket):
+class GeventWebSocket(WebSocketRoutesMixin, flask_uwsgi_websocket.GeventWebSocket):
     """Drop-in for flask_uwsgi_websocket.GeventWebSocket with fixes 3 and 4."""
 
     middleware = GeventMiddleware

@@ -1,0 +1,49 @@
+"""Helpers for the @pytest.mark.local tests, which read the repository and run local tools."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+DOCKERFILES = sorted(REPO.glob("*/Dockerfile"))
+
+
+def render_nginx(tmp_path, **overrides):
+    """Render nginx/templates into a fresh prefix the way both modes do; return the prefix."""
+    prefix = tmp_path / "nginx"
+    prefix.mkdir()
+    (prefix / "nginx.conf").symlink_to(REPO / "nginx" / "nginx.conf")
+    (prefix / "mime.types").symlink_to("/etc/nginx/mime.types")
+    env = {
+        "PATH": os.environ["PATH"],
+        "NGINX_ENVSUBST_FILTER": "^NGINX_",
+        "NGINX_HOST": "127.0.0.1",
+        "NGINX_PORT": "18080",
+        "NGINX_PROXY_READ_TIMEOUT": "60s",
+        "NGINX_UWSGI_APP_UPSTREAM": "127.0.0.1:18001",
+        "NGINX_FLASK_APP_UPSTREAM": "127.0.0.1:18002",
+        "NGINX_HTML_ROOT": str(REPO / "nginx" / "html"),
+        # Not NGINX_*: must survive rendering untouched even though it is set.
+        "host": "must-not-be-substituted",
+    }
+    env.update(overrides)
+    subprocess.run(
+        [str(REPO / "scripts" / "render-nginx-templates.sh"), str(REPO / "nginx" / "templates"), str(prefix / "conf.d")],
+        env=env, check=True, capture_output=True, text=True,
+    )
+    return prefix
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_python(code, *paths, timeout=60):
+    """Run `code` in a fresh interpreter of the local venv with `paths` first on sys.path."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(str(REPO / p) for p in paths))
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)

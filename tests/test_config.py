@@ -1,0 +1,115 @@
+"""Docker and local mode are one system: same programs, same config files, same defaults."""
+import configparser
+import importlib.util
+import re
+import shlex
+
+import pytest
+import yaml
+
+from repo import REPO
+
+pytestmark = pytest.mark.local
+
+
+def load_stack_module():
+    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def dockerfile_cmd(service):
+    text = (REPO / service / "Dockerfile").read_text()
+    return yaml.safe_load(re.findall(r"^CMD (\[.*\])$", text, re.M)[-1])
+
+
+def dockerfile_copies(service):
+    """Container path -> repository path, from the Dockerfile's COPY lines (context: repo root)."""
+    text = (REPO / service / "Dockerfile").read_text()
+    return {dst: REPO / src for src, dst in re.findall(r"^COPY (?!--from)(\S+) (\S+)$", text, re.M)}
+
+
+def container_to_repo(service, container_path):
+    for dst, src in sorted(dockerfile_copies(service).items(), key=lambda item: -len(item[0])):
+        if container_path.startswith(dst):
+            return (src / container_path[len(dst):]) if dst.endswith("/") else src
+    raise AssertionError(f"{container_path} is not copied into the {service} image")
+
+
+def dockerfile_env(service):
+    text = (REPO / service / "Dockerfile").read_text()
+    block = re.search(r"^ENV ((?:.*\\\n)*.*)$", text, re.M).group(1).replace("\\\n", " ")
+    return dict(item.split("=", 1) for item in shlex.split(block))
+
+
+def ini_defaults():
+    """The default each if-not-env block of common/uwsgi-base.ini applies, by variable name."""
+    text = (REPO / "common" / "uwsgi-base.ini").read_text()
+    return {var: value for var, value in re.findall(r"if-not-env = (\w+)\n[\w-]+ = (\S+)\nendif =", text)}
+
+
+@pytest.fixture
+def local_services(tmp_path, monkeypatch):
+    stack = load_stack_module()
+    settings = stack.load_settings({"LOCAL_RUN_DIR": str(tmp_path)})
+    services, _ = stack.build_services(settings, "test")
+    return {service.name: service for service in services}
+
+
+@pytest.mark.parametrize("app", ["uwsgi-app", "flask-app"])
+def test_apps_start_the_same_program_with_the_same_config_in_both_modes(app, local_services):
+    container = dockerfile_cmd(app)
+    local = local_services[app].argv
+    assert container[0] == "uwsgi" and local[0].endswith("/uwsgi")
+    assert container[1:2] == local[1:2] == ["--ini"]
+    assert container_to_repo(app, container[2]) == REPO / app / "uwsgi.ini" == type(REPO)(local[2])
+    # The ini includes ../common/uwsgi-base.ini: the image must keep that layout.
+    assert container_to_repo(app, "/srv/stack/common/uwsgi-base.ini") == REPO / "common" / "uwsgi-base.ini"
+
+
+def test_nginx_runs_the_same_main_config_and_templates_in_both_modes(local_services):
+    assert dockerfile_cmd("nginx") == ["nginx"]  # default config: /etc/nginx/nginx.conf
+    assert container_to_repo("nginx", "/etc/nginx/nginx.conf") == REPO / "nginx" / "nginx.conf"
+    assert container_to_repo("nginx", "/etc/nginx/templates/") == REPO / "nginx" / "templates/"
+    argv = local_services["nginx"].argv
+    assert argv[0] == "nginx"
+    local_conf = type(REPO)(argv[argv.index("-c") + 1])
+    assert local_conf.resolve() == REPO / "nginx" / "nginx.conf"
+    assert (local_conf.parent / "conf.d" / "default.conf").exists()
+
+
+def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    compose_text = (REPO / "docker-compose.yml").read_text()
+    compose_defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", compose_text))
+    stack = load_stack_module()
+    ini = ini_defaults()
+    nginx_env = dockerfile_env("nginx")
+
+    # The bind address is per mode: loopback by default, all interfaces inside the images.
+    socket_default = ini.pop("UWSGI_HTTP_SOCKET")
+    assert socket_default.startswith("127.0.0.1:")
+    for app in ("uwsgi-app", "flask-app"):
+        assert dockerfile_env(app)["UWSGI_HTTP_SOCKET"] == "0.0.0.0:8000"
+        assert nginx_env[f"NGINX_{app.replace('-', '_').upper()}_UPSTREAM"] == f"{app}:8000"
+    assert set(ini) == {k for k in compose["x-app-environment"] if k.startswith("UWSGI_")}
+    for name, value in ini.items():
+        assert compose_defaults[name] == value, name
+    assert stack.DEFAULTS["UWSGI_WEBSOCKETS_PING_FREQ"] == ini["UWSGI_WEBSOCKETS_PING_FREQ"]
+    assert stack.DEFAULTS["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
+    assert compose_defaults["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
+    assert stack.DEFAULTS["NGINX_PORT"] == nginx_env["NGINX_PORT"] == compose_defaults["NGINX_PORT"]
+    # nginx must outlast the pings by default, not only in the tests' shortened setup.
+    assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (REPO / "README.md").read_text()
+    table = set(re.findall(r"^\| `(\w+)` \|", readme, re.M))
+    compose_text = (REPO / "docker-compose.yml").read_text()
+    used = set(re.findall(r"\$\{(\w+):-", compose_text))
+    used |= set(ini_defaults()) | set(load_stack_module().DEFAULTS)
+    used |= {k for k in dockerfile_env("nginx") if k.startswith("NGINX_")}
+    used |= {"REDIS_URL", "STACK_BASE_URL", "STACK_MODE"}
+    assert used - table == set()

@@ -1,0 +1,145 @@
+"""Each part of flask-app/uwsgi_websocket_compat.py is needed: without it, the upstream failure returns."""
+import json
+import os
+import signal
+import subprocess
+import textwrap
+import time
+
+import pytest
+from websockets.sync.client import connect
+
+from repo import REPO, VENV_BIN, free_port, run_python
+
+pytestmark = pytest.mark.local
+
+IMPORT_STEPS = textwrap.dedent(
+    """
+    import json, sys
+    import flask.app
+    import uwsgi_websocket_compat as compat      # every fix applied: imports fine
+
+    def attempt(**kwargs):
+        for name in [m for m in sys.modules if m.startswith("flask_uwsgi_websocket")]:
+            del sys.modules[name]                 # also forgets fix 2's placeholder entry
+        if hasattr(flask.app, "setupmethod"):
+            del flask.app.setupmethod             # undo fix 1
+        try:
+            compat.import_package(**kwargs)
+            return "ok"
+        except Exception as exc:
+            return f"{type(exc).__name__}: {exc}"
+
+    print(json.dumps({
+        "without any fix": attempt(skip=("FLASK3_SETUPMETHOD", "PY311_ASYNCIO")),
+        "without PY311_ASYNCIO": attempt(skip=("PY311_ASYNCIO",)),
+        "without FLASK3_SETUPMETHOD": attempt(skip=("FLASK3_SETUPMETHOD",)),
+        "with both": attempt(),
+    }))
+    """
+)
+
+
+def test_import_fixes_are_each_needed():
+    result = run_python(IMPORT_STEPS, "flask-app", "common")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert "cannot import name 'setupmethod' from 'flask.app'" in outcome["without any fix"]
+    assert "cannot import name 'setupmethod'" in outcome["without FLASK3_SETUPMETHOD"]
+    assert outcome["without PY311_ASYNCIO"].startswith("AttributeError") and "coroutine" in outcome["without PY311_ASYNCIO"]
+    assert outcome["with both"] == "ok"
+
+
+ROUTING = textwrap.dedent(
+    """
+    import json
+    from flask import Flask
+    from werkzeug.test import EnvironBuilder
+    import uwsgi_websocket_compat as compat
+
+    upgrade = EnvironBuilder(path="/ws/echo", headers={"Upgrade": "websocket", "Connection": "Upgrade"}).get_environ()
+    plain = EnvironBuilder(path="/ws/echo").get_environ()
+    result = {}
+    for label, cls in (("stock", compat.flask_uwsgi_websocket.GeventWebSocket), ("compat", compat.GeventWebSocket)):
+        ws = cls(Flask(label))
+        ws.route("/ws/echo")(lambda client: None)
+        for kind, environ in (("upgrade", upgrade), ("plain", plain)):
+            try:
+                ws.url_map.bind_to_environ(environ).match()
+                result[f"{label} {kind}"] = "match"
+            except Exception as exc:
+                result[f"{label} {kind}"] = type(exc).__name__
+    print(json.dumps(result))
+    """
+)
+
+
+def test_websocket_rules_fix_is_needed_for_routing():
+    result = run_python(ROUTING, "flask-app", "common")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {
+        # Werkzeug >= 2 refuses a WebSocket request on a plain Rule: the package 404s every route.
+        "stock upgrade": "WebsocketMismatch",
+        "stock plain": "match",
+        # Fixed: the upgrade matches; a plain GET mismatches, which the middleware turns into 426.
+        "compat upgrade": "match",
+        "compat plain": "WebsocketMismatch",
+    }
+
+
+@pytest.fixture
+def fixture_app(request):
+    """uWSGI running tests/fixtures/flask_echo_app.py with the shared ini, pinging every second."""
+    port = free_port()
+    env = dict(
+        os.environ,
+        UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}",
+        UWSGI_PROCESSES="1",
+        UWSGI_WEBSOCKETS_PING_FREQ="1",
+        UWSGI_WORKER_RELOAD_MERCY="1",
+        COMPAT_FIX_GEVENT_EMPTY_MESSAGES=request.param,
+    )
+    process = subprocess.Popen(
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "common" / "uwsgi-base.ini"),
+         "--pythonpath", str(REPO / "flask-app"), "--pythonpath", str(REPO / "tests" / "fixtures"),
+         "--module", "flask_echo_app:app"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"ws://127.0.0.1:{port}/ws/echo"
+    deadline = time.monotonic() + 30
+    while True:  # readiness: the first successful handshake
+        try:
+            with connect(url, open_timeout=1):
+                break
+        except OSError:
+            assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
+            time.sleep(0.1)
+    yield url
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+def received_within(url, seconds):
+    """Echo one message, then collect whatever else arrives in `seconds` while idle."""
+    with connect(url, ping_interval=None) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        extra = []
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                extra.append(ws.recv(timeout=left))
+            except TimeoutError:
+                break
+        return extra
+
+
+@pytest.mark.parametrize("fixture_app", ["0"], indirect=True)
+def test_without_the_middleware_fix_empty_messages_reach_the_client(fixture_app):
+    extra = received_within(fixture_app, 3)
+    assert extra and set(extra) <= {""}, extra  # upstream issue #39, reproduced
+
+
+@pytest.mark.parametrize("fixture_app", ["1"], indirect=True)
+def test_with_the_middleware_fix_nothing_else_arrives(fixture_app):
+    assert received_within(fixture_app, 3) == []

@@ -1,0 +1,117 @@
+"""`make run`'s process runner and the apps' start-up checks (local mode only)."""
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import connect
+
+from repo import REPO, VENV_BIN, free_port
+
+pytestmark = pytest.mark.local
+
+sys.path.insert(0, str(REPO / "common"))
+from wsstack import uwsgi_build  # noqa: E402
+
+
+def stack_env(tmp_path, **overrides):
+    env = dict(os.environ)
+    env.update(
+        NGINX_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()), LOCAL_FLASK_APP_PORT=str(free_port()),
+        LOCAL_REDIS_PORT=str(free_port()), LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
+    )
+    env.update(overrides)
+    return env
+
+
+def processes_of(instance_id):
+    """PIDs of every process whose environment carries this stack instance's id."""
+    marker = f"STACK_INSTANCE_ID={instance_id}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if marker in (proc / "environ").read_bytes().split(b"\0"):
+                    found.append(int(proc.name))
+            except OSError:  # exited meanwhile, or a kernel thread
+                pass
+    return found
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"NGINX_PROXY_READ_TIMEOUT": "10s", "UWSGI_WEBSOCKETS_PING_FREQ": "20"}, "must exceed UWSGI_WEBSOCKETS_PING_FREQ"),
+        ({"NGINX_PROXY_READ_TIMEOUT": "soon"}, "not an nginx time"),
+        ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a TCP port"),
+        ({"NGINX_HOST": "192.0.2.1"}, "NGINX_HOST must be a loopback address"),
+        ({"LOCAL_STOP_TIMEOUT": "0"}, "LOCAL_STOP_TIMEOUT='0' must be a whole number"),
+    ],
+)
+def test_invalid_settings_fail_fast_with_a_clear_message(tmp_path, overrides, message):
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path, **overrides),
+        capture_output=True, text=True, timeout=20,
+    )
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert "ready" not in result.stdout
+
+
+@pytest.mark.parametrize("variable, value", [("UWSGI_PROCESSES", "two"), ("UWSGI_WEBSOCKETS_PING_FREQ", "0")])
+def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}", **{variable: value})
+    result = subprocess.run(
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "uwsgi-app" / "uwsgi.ini")],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert variable in result.stdout + result.stderr
+
+
+def test_ssl_check_rejects_a_uwsgi_built_without_ssl(tmp_path):
+    fake = tmp_path / "uwsgi"
+    fake.write_text("#!/bin/sh\necho '-O2 -DUWSGI_HAS_IFADDRS -DUWSGI_ZLIB'\n")
+    fake.chmod(0o755)
+    with pytest.raises(uwsgi_build.UwsgiBuildError, match="built without SSL"):
+        uwsgi_build.require_ssl(str(fake))
+    uwsgi_build.require_ssl(str(VENV_BIN / "uwsgi"))  # the bootstrap's build passes
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
+def test_stopping_make_run_leaves_no_process_behind(tmp_path, signum):
+    env = stack_env(tmp_path)
+    runner = subprocess.Popen(
+        [sys.executable, str(REPO / "scripts" / "stack.py")], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    output = []
+    try:
+        for line in runner.stdout:
+            output.append(line)
+            if line.startswith("stack: ready"):
+                break
+        ready = re.search(r"instance (\w+)", output[-1]) if output else None
+        assert ready, "".join(output)
+        instance_id = ready.group(1)
+        assert len(processes_of(instance_id)) >= 6  # redis, 2 x (uWSGI master + workers), nginx master + workers
+
+        # An open WebSocket through nginx must not keep anything alive after the stop.
+        with connect(f"ws://127.0.0.1:{env['NGINX_PORT']}/uwsgi/ws/echo", ping_interval=None) as ws:
+            ws.send("still here")
+            assert ws.recv(timeout=5) == "still here"
+            started = time.monotonic()
+            runner.send_signal(signum)
+            rest, _ = runner.communicate(timeout=60)
+        output.append(rest)
+        assert runner.returncode == 0, "".join(output)
+        assert "stack: stopped" in rest
+        assert time.monotonic() - started < 45
+        assert processes_of(instance_id) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()

@@ -1,0 +1,116 @@
+"""Static checks: Dockerfiles, the compose file, and the nginx config both modes render."""
+import importlib.util
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from repo import DOCKERFILES, REPO, VENV_BIN, render_nginx
+
+pytestmark = pytest.mark.local
+
+SERVICES_WITH_IMAGES = {"nginx", "uwsgi-app", "flask-app", "tests"}
+
+
+def compose():
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def test_every_service_folder_has_a_dockerfile():
+    assert {path.parent.name for path in DOCKERFILES} == SERVICES_WITH_IMAGES
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_hadolint_reports_nothing(dockerfile):
+    result = subprocess.run(
+        [str(VENV_BIN / "hadolint"), "--no-color", "--failure-threshold", "info", str(dockerfile)],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0 and result.stdout == "", result.stdout + result.stderr
+
+
+def test_compose_file_matches_the_compose_specification_schema():
+    # docker-compose 1.29.2 (installed --no-deps by bootstrap) ships the Compose Specification schema.
+    package = Path(importlib.util.find_spec("compose").submodule_search_locations[0])
+    schema = json.loads((package / "config" / "compose_spec.json").read_text())
+    errors = [f"{list(e.path)}: {e.message}" for e in jsonschema.Draft7Validator(schema).iter_errors(compose())]
+    assert errors == []
+
+
+def test_compose_services_are_healthchecked_pinned_and_ordered():
+    services = compose()["services"]
+    assert set(services) == SERVICES_WITH_IMAGES | {"redis"}
+    assert services["tests"]["profiles"] == ["test"]
+    for name, service in services.items():
+        if name != "tests":
+            assert service["healthcheck"]["test"][0] == "CMD", name
+        for dependency in service.get("depends_on", {}).values():
+            assert dependency == {"condition": "service_healthy"}, name
+    assert services["redis"]["image"].startswith("${REDIS_IMAGE:-redis:")
+    assert re.fullmatch(r"\$\{REDIS_IMAGE:-redis:\d+\.\d+\.\d+\}", services["redis"]["image"])
+    for app in ("uwsgi-app", "flask-app"):
+        assert services[app]["healthcheck"]["test"][1:4] == ["python", "-m", "wsstack.probe"]
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.parent.name)
+def test_base_images_are_pinned_build_arguments(dockerfile):
+    text = dockerfile.read_text()
+    args = dict(re.findall(r"^ARG (\w+_IMAGE)=(\S+)$", text, re.M))
+    assert args, "base image must be a build argument"
+    for image in args.values():
+        assert re.fullmatch(r"[a-z0-9./-]+:\d+\.\d+\.\d+[\w.-]*", image), f"unpinned base image {image}"
+    assert re.findall(r"^FROM \$\{(\w+)\}", text, re.M)
+
+
+@pytest.mark.parametrize("app", ["uwsgi-app", "flask-app"])
+def test_app_images_are_multi_stage_non_root_and_ship_no_compiler(app):
+    text = (REPO / app / "Dockerfile").read_text()
+    stages = re.split(r"^FROM ", text, flags=re.M)[1:]
+    assert len(stages) == 2
+    build, final = stages
+    assert "libssl-dev" in build and "-DUWSGI_SSL" in build
+    assert "gcc" not in final and "apt-get" not in final
+    assert re.search(r"^USER 10001:10001$", final, re.M)
+
+
+def test_rendered_nginx_config_passes_nginx_t(tmp_path):
+    prefix = render_nginx(tmp_path)
+    result = subprocess.run(
+        ["nginx", "-t", "-q", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_rendered_nginx_config_proxies_websockets_correctly(tmp_path):
+    conf = (render_nginx(tmp_path) / "conf.d" / "default.conf").read_text()
+    main = (REPO / "nginx" / "nginx.conf").read_text()
+    assert "${" not in conf
+    assert re.search(r"map \$http_upgrade \$connection_upgrade \{\s*default upgrade;\s*''\s+close;", conf)
+    for directive in (
+        "proxy_http_version 1.1;",
+        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Connection $connection_upgrade;",
+        "proxy_set_header Host $host;",
+        "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
+        "proxy_set_header X-Forwarded-Proto $scheme;",
+        "proxy_buffering off;",
+        "proxy_read_timeout 60s;",
+        "listen 127.0.0.1:18080;",
+        "server 127.0.0.1:18001;",
+        "server 127.0.0.1:18002;",
+    ):
+        assert directive in conf, directive
+    assert "server_tokens off;" in main
+    # nginx's own variables are not environment variables and must survive envsubst.
+    assert "$host;" in conf and "must-not-be-substituted" not in conf
+
+
+def test_rendering_fails_when_a_template_variable_is_unset(tmp_path):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        render_nginx(tmp_path, NGINX_ENVSUBST_FILTER="^NGINX_(HOST|PORT)$")
+    assert "NGINX_PROXY_READ_TIMEOUT" in failure.value.stderr
