@@ -4,16 +4,12 @@ Routes (nginx mounts them under /flask/):
   GET /healthz   JSON health, 200 once the app is loaded
   GET /ws/echo   WebSocket: every message comes back unchanged, in order
 """
-import uwsgi
 from flask import Flask, Response
 
 from uwsgi_websocket_compat import GeventWebSocket
-from wsstack import health, settings, uwsgi_build
+from wsstack import health
 
 APP_NAME = "flask-app"
-
-uwsgi_build.require_ssl()
-settings.check_uwsgi_options(uwsgi.opt)
 
 app = Flask(__name__)
 websocket = GeventWebSocket(app)

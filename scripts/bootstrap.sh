@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install everything local mode and the test suite need, on a bare Debian + Python machine:
-#   - Debian packages (when missing): nginx, redis-server, envsubst, libssl-dev (uWSGI's
-#     WebSocket handshake needs SSL at build time)
+#   - Debian packages (when missing): nginx, redis-server, envsubst, a C compiler and
+#     libssl-dev (uWSGI's WebSocket handshake needs SSL at build time)
 #   - .venv with the apps' and the tests' pinned Python dependencies, uWSGI compiled with SSL
 # Idempotent and quick when nothing changed (a stamp records the requirements installed).
 set -euo pipefail
@@ -9,6 +9,8 @@ cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3}
+"$PYTHON" -c "import sys; assert sys.version_info >= (3, 11)" 2>/dev/null \
+    || { echo "bootstrap: $PYTHON must be Python 3.11 or newer" >&2; exit 1; }
 
 apt_packages=()
 command -v nginx >/dev/null || apt_packages+=(nginx)
@@ -16,6 +18,11 @@ command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v envsubst >/dev/null || apt_packages+=(gettext-base)
 dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 command -v gcc >/dev/null || apt_packages+=(gcc)
+dpkg -s libc6-dev >/dev/null 2>&1 || apt_packages+=(libc6-dev)
+# A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
+"$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
+"$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
+    2>/dev/null || apt_packages+=(python3-dev)
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${apt_packages[*]}"
     sudo=""

@@ -119,7 +119,9 @@ class Service:
         if self.process is None:
             return
         if self.alive():
-            self.signal_group(self.stop_signal)
+            # Only the leader: uWSGI's master and nginx's master stop their workers gracefully,
+            # whereas a worker signalled directly (gevent maps SIGTERM to "brutally kill") would not.
+            self.process.send_signal(self.stop_signal)
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:

@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,7 @@ from repo import REPO, VENV_BIN, free_port
 
 pytestmark = pytest.mark.local
 
-sys.path.insert(0, str(REPO / "common"))
-from wsstack import uwsgi_build  # noqa: E402
+APPS = ["uwsgi-app", "flask-app"]
 
 
 def stack_env(tmp_path, **overrides):
@@ -62,24 +62,92 @@ def test_invalid_settings_fail_fast_with_a_clear_message(tmp_path, overrides, me
     assert "ready" not in result.stdout
 
 
-@pytest.mark.parametrize("variable, value", [("UWSGI_PROCESSES", "two"), ("UWSGI_WEBSOCKETS_PING_FREQ", "0")])
+def start_app(app, log_path, **env_overrides):
+    port = free_port()
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5", **env_overrides)
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(process, url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "uWSGI exited during start-up"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} not healthy after {timeout}s")
+
+
+def eventfds(pid):
+    found = []
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            if os.readlink(fd) == "anon_inode:[eventfd]":
+                found.append(fd.name)
+        except OSError:
+            pass
+    return found
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("UWSGI_PROCESSES", "two"), ("UWSGI_WEBSOCKETS_PING_FREQ", "0"), ("UWSGI_HTTP_SOCKET", "8000"),
+])
 def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
-    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}", **{variable: value})
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}")
+    env[variable] = value
     result = subprocess.run(
         [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "uwsgi-app" / "uwsgi.ini")],
         env=env, capture_output=True, text=True, timeout=30,
     )
     assert result.returncode != 0
-    assert variable in result.stdout + result.stderr
+    assert f"startup check failed: {variable}" in result.stdout + result.stderr
 
 
-def test_ssl_check_rejects_a_uwsgi_built_without_ssl(tmp_path):
+def test_ssl_check_rejects_a_uwsgi_built_without_ssl(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "common"))
+    from wsstack import startup_check
+
     fake = tmp_path / "uwsgi"
     fake.write_text("#!/bin/sh\necho '-O2 -DUWSGI_HAS_IFADDRS -DUWSGI_ZLIB'\n")
     fake.chmod(0o755)
-    with pytest.raises(uwsgi_build.UwsgiBuildError, match="built without SSL"):
-        uwsgi_build.require_ssl(str(fake))
-    uwsgi_build.require_ssl(str(VENV_BIN / "uwsgi"))  # the bootstrap's build passes
+    with pytest.raises(startup_check.StartupError, match="built without SSL"):
+        startup_check.require_ssl(str(fake))
+    startup_check.require_ssl(str(VENV_BIN / "uwsgi"))  # the bootstrap's build passes
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_sigterm_stops_the_app_gracefully_and_promptly(tmp_path, app):
+    log_path = tmp_path / "uwsgi.log"
+    process, url = start_app(app, log_path)
+    try:
+        wait_healthy(process, url)
+        log = log_path.read_text()
+        # The start-up check ran inside uWSGI (exec-asap) against this very binary.
+        assert f"startup check passed: settings valid, {VENV_BIN / 'uwsgi'} built with SSL" in log
+        for _ in range(4):  # reach both workers
+            urllib.request.urlopen(url + "/healthz", timeout=5).read()
+        # No gevent loop may exist in the master before the fork: its wake-up eventfd would be
+        # shared by all workers, and a stop signal could wake the wrong one (the stop then hangs).
+        assert eventfds(process.pid) == []
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=15)
+        assert time.monotonic() - started < 5  # idle workers: no need to use the 5 s mercy
+        log = log_path.read_text()
+        assert "graceful shutdown triggered" in log
+        assert log.count("Gracefully killing worker") == 2
+        assert "Brutally killing" not in log
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])

@@ -6,12 +6,9 @@ Routes (nginx mounts them under /uwsgi/):
 """
 import uwsgi
 
-from wsstack import health, http, settings, uwsgi_build
+from wsstack import health, http
 
 APP_NAME = "uwsgi-app"
-
-uwsgi_build.require_ssl()
-settings.check_uwsgi_options(uwsgi.opt)
 
 
 def echo(environ, start_response):

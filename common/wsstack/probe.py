@@ -111,10 +111,11 @@ def main(argv=None):
     parser.add_argument("--timeout", type=float, default=3.0)
     args = parser.parse_args(argv)
     try:
-        probe(args.base_url, args.timeout)
+        info = probe(args.base_url, args.timeout)
     except (OSError, RuntimeError, ValueError) as exc:
         print(f"unhealthy: {args.base_url}: {exc}", file=sys.stderr)
         return 1
+    print(f"healthy: {args.base_url}: {info.get('app')} answered /healthz and a WebSocket echo")
     return 0
 
 

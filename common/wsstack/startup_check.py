@@ -1,0 +1,100 @@
+"""uWSGI start-up check: refuse to start with settings or a build that cannot work.
+
+uwsgi-base.ini runs this file with `exec-asap`, before uWSGI binds a socket, forks,
+or loads the app; a non-zero exit stops uWSGI with the message printed here.
+
+1. Settings. uWSGI reads UWSGI_<OPTION> variables itself and turns a malformed number
+   into 0 without a word: UWSGI_PROCESSES=two gives a master with no workers that never
+   serves and never exits.
+2. SSL. uWSGI computes Sec-WebSocket-Accept with OpenSSL's SHA-1; a binary compiled
+   without libssl-dev lacks it, and every `uwsgi.websocket_handshake()` fails.
+
+Why a separate process and not a check inside the app: the SSL check runs
+`uwsgi --cflags`, and a subprocess started in the master under gevent's monkey-patching
+creates gevent's loop before the fork. Every worker then shares that loop's wake-up
+eventfd, a signal meant for one worker can be consumed by another, and a graceful stop
+hangs until the loop's next timer.
+
+Standard library only: it runs under whatever `python3` is on PATH.
+"""
+import os
+import subprocess
+import sys
+
+# environment variable -> smallest valid value
+NUMERIC_VARIABLES = {
+    "UWSGI_PROCESSES": 1,
+    "UWSGI_LISTEN": 1,
+    "UWSGI_GEVENT": 1,
+    "UWSGI_WEBSOCKETS_MAX_SIZE": 1,
+    "UWSGI_WEBSOCKETS_PING_FREQ": 1,
+    "UWSGI_WEBSOCKETS_PONG_TOLERANCE": 1,
+    "UWSGI_WORKER_RELOAD_MERCY": 1,
+}
+SHELLS = {"sh", "dash", "bash"}
+
+
+class StartupError(RuntimeError):
+    pass
+
+
+def check_http_socket(value):
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise StartupError(f"UWSGI_HTTP_SOCKET must be HOST:PORT with a port from 1 to 65535, got {value!r}")
+
+
+def check_environment(environ):
+    """Raise StartupError naming the first invalid variable."""
+    for name, minimum in NUMERIC_VARIABLES.items():
+        raw = environ.get(name)
+        if raw is None:
+            continue
+        if not raw.strip().isdigit():
+            raise StartupError(f"{name} must be a whole number, got {raw!r}")
+        if int(raw) < minimum:
+            raise StartupError(f"{name} must be at least {minimum}, got {raw!r}")
+    if "UWSGI_HTTP_SOCKET" in environ:
+        check_http_socket(environ["UWSGI_HTTP_SOCKET"])
+
+
+def parent_uwsgi_binary():
+    """The executable of the uWSGI process that ran us (through `sh -c` or directly)."""
+    pid = os.getppid()
+    for _ in range(3):
+        exe = os.readlink(f"/proc/{pid}/exe")
+        if os.path.basename(exe) not in SHELLS:
+            return exe
+        with open(f"/proc/{pid}/stat") as stat:
+            # the field after the parenthesised command name: state, then the parent's pid
+            pid = int(stat.read().rsplit(")", 1)[1].split()[1])
+    raise StartupError("could not find the uWSGI process that started this check")
+
+
+def build_cflags(binary):
+    result = subprocess.run([binary, "--cflags"], capture_output=True, text=True, timeout=10, check=True)
+    return result.stdout.split()
+
+
+def require_ssl(binary):
+    if "-DUWSGI_SSL" not in build_cflags(binary):
+        raise StartupError(
+            f"{binary} was built without SSL support, so the WebSocket handshake cannot work. "
+            "Install libssl-dev (Debian) and rebuild: pip install --no-binary uWSGI --no-cache-dir uWSGI"
+        )
+
+
+def main():
+    try:
+        check_environment(os.environ)
+        binary = parent_uwsgi_binary()
+        require_ssl(binary)
+    except StartupError as exc:
+        print(f"startup check failed: {exc}", file=sys.stderr)
+        return 1
+    print(f"startup check passed: settings valid, {binary} built with SSL")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
