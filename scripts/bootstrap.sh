@@ -27,8 +27,13 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${apt_packages[*]}"
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo=sudo
+    # The packages' own nginx and redis-server services would start on ports 80 and 6379 (the
+    # latter is ours): a temporary policy-rc.d tells Debian's maintainer scripts not to start them.
+    if [ ! -e /usr/sbin/policy-rc.d ]; then
+        $sudo sh -c 'printf "#!/bin/sh\nexit 101\n" >/usr/sbin/policy-rc.d && chmod 755 /usr/sbin/policy-rc.d'
+        trap '$sudo rm -f /usr/sbin/policy-rc.d' EXIT
+    fi
     $sudo apt-get update -qq
-    # policy-rc.d-less machines would start the packaged services: we run our own instances.
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 

@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -133,8 +134,6 @@ class Service:
 
 def redis_ready(port):
     def check():
-        import socket
-
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
             sock.sendall(b"PING\r\n")
             if not sock.recv(64).startswith(b"+PONG"):
@@ -263,8 +262,21 @@ class Stack:
         return status
 
 
+def check_ports_free(settings):
+    """Refuse to start next to another server on our ports: a health check could pass against it."""
+    for name in PORT_SETTINGS:
+        host = settings["NGINX_HOST"] if name == "NGINX_PORT" else "127.0.0.1"
+        with socket.socket() as sock:
+            try:
+                sock.bind((host, int(settings[name])))
+            except OSError as exc:
+                raise ConfigError(f"{name}={settings[name]} is already in use on {host} ({exc.strerror}); "
+                                  "stop what listens there or choose another port") from exc
+
+
 def main():
     settings = load_settings(os.environ)
+    check_ports_free(settings)
     for tool in ("nginx", "redis-server", "envsubst"):
         if shutil.which(tool) is None:
             raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")

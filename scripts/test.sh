@@ -41,7 +41,7 @@ for app in uwsgi flask; do
 done
 
 status=0
-.venv/bin/python -m pytest -c tests/pytest.ini tests "$@" || status=$?
+.venv/bin/python -m pytest -c tests/pytest.ini "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests; that is a failure here" >&2
     status=1

@@ -53,6 +53,20 @@ def processes_of(instance_id):
     ],
 )
 def test_invalid_settings_fail_fast_with_a_clear_message(tmp_path, overrides, message):
+    run_stack_expecting_failure(tmp_path, overrides, message)
+
+
+def test_a_port_already_in_use_is_refused_before_anything_starts(tmp_path):
+    import socket
+
+    with socket.socket() as other_server:
+        other_server.bind(("127.0.0.1", 0))
+        other_server.listen()
+        port = other_server.getsockname()[1]
+        run_stack_expecting_failure(tmp_path, {"LOCAL_REDIS_PORT": str(port)}, f"LOCAL_REDIS_PORT={port} is already in use")
+
+
+def run_stack_expecting_failure(tmp_path, overrides, message):
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path, **overrides),
         capture_output=True, text=True, timeout=20,
