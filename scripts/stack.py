@@ -267,6 +267,8 @@ def check_ports_free(settings):
     for name in PORT_SETTINGS:
         host = settings["NGINX_HOST"] if name == "NGINX_PORT" else "127.0.0.1"
         with socket.socket() as sock:
+            # As the servers do: connections in TIME_WAIT from an earlier run must not count.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, int(settings[name])))
             except OSError as exc:
