@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -16,6 +16,16 @@ run: bootstrap ## run the stack as local processes on http://127.0.0.1:8080 (Ctr
 test: ## run every test against a freshly started local stack; TEST_ARGS="-k idle" narrows it
 	scripts/test.sh $(TEST_ARGS)
 
+test-compose: ## without Docker: build the images and run the compose stack with podman, test it, tear it down
+	tests/compose/run.sh
+
+wheelhouse: bootstrap ## download every pinned Python package into wheelhouse/ (for offline image builds)
+	.venv/bin/pip download -q --disable-pip-version-check -d wheelhouse \
+		-r uwsgi-app/requirements.txt -r flask-app/requirements.txt -r tests/requirements.txt \
+		setuptools wheel "async-timeout>=4.0.3"
+# setuptools and wheel build the sdists; async-timeout is what redis needs on Python < 3.11.3
+# (Debian's 3.11.2), which a download on a newer Python would not select.
+
 clean: ## remove the virtualenv and run-time files
 	rm -rf .venv .run
 
@@ -23,7 +33,7 @@ compose-up: ## Docker: build and start the stack
 	docker compose up --build
 
 compose-test: ## Docker: run the suite in the tests container against nginx
-	docker compose --profile test run --rm --build tests
+	NGINX_PROXY_READ_TIMEOUT=5s UWSGI_WEBSOCKETS_PING_FREQ=2 docker compose --profile test run --rm --build tests
 
 compose-down: ## Docker: stop and remove the stack
 	docker compose --profile test down --volumes --remove-orphans

@@ -2,7 +2,8 @@
 
 STACK_BASE_URL                 nginx, e.g. http://127.0.0.1:8080 or http://nginx:8080
 STACK_MODE                     "local" (make test) runs the @pytest.mark.local tests too;
-                               anything else (the tests container) skips them
+                               "compose" (make test-compose, on the host) the
+                               @pytest.mark.compose ones; the tests container skips both
 NGINX_PROXY_READ_TIMEOUT       the stack's setting, so idle tests hold longer than it
 UWSGI_WEBSOCKETS_PING_FREQ     the stack's setting
 """
@@ -14,12 +15,13 @@ MODE = os.environ.get("STACK_MODE", "local")
 
 
 def pytest_collection_modifyitems(config, items):
-    if MODE == "local":
-        return
-    skip = pytest.mark.skip(reason="needs the repository checkout and local tools (STACK_MODE=local)")
+    skip_local = pytest.mark.skip(reason="needs the repository checkout and local tools (STACK_MODE=local)")
+    skip_compose = pytest.mark.skip(reason="inspects the podman compose stack (make test-compose, STACK_MODE=compose)")
     for item in items:
-        if "local" in item.keywords:
-            item.add_marker(skip)
+        if "local" in item.keywords and MODE != "local":
+            item.add_marker(skip_local)
+        if "compose" in item.keywords and MODE != "compose":
+            item.add_marker(skip_compose)
 
 
 @pytest.fixture(params=["uwsgi", "flask"])

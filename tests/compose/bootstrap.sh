@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# TEST INFRASTRUCTURE: what `make test-compose` needs beyond `make test`: podman (runc, CNI
+# with the dnsname plugin so containers find each other by service name), debootstrap for
+# the stand-in base images, and podman-compose in .venv. Installs only what is missing.
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+packages=()
+command -v podman >/dev/null || packages+=(podman)
+command -v runc >/dev/null || packages+=(runc)
+command -v debootstrap >/dev/null || packages+=(debootstrap)
+[ -x /usr/lib/cni/dnsname ] || packages+=(golang-github-containernetworking-plugin-dnsname)
+if [ ${#packages[@]} -gt 0 ]; then
+    echo "compose bootstrap: installing Debian packages: ${packages[*]}"
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo=sudo
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
+fi
+if ! .venv/bin/podman-compose --version >/dev/null 2>&1; then
+    .venv/bin/pip install -q --disable-pip-version-check -r tests/compose/requirements.txt
+fi
+echo "compose bootstrap: ready ($(podman --version), $(.venv/bin/podman-compose --version 2>/dev/null | tail -1))"

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# `make test-compose`: run the real compose stack on a machine without Docker, with podman.
+# The project's Dockerfiles and docker-compose.yml are used unchanged; only the upstream base
+# images are replaced by local stand-ins (build-standins.sh) because no registry is
+# reachable, and the builds run without network from a host-built wheelhouse.
+#   1. install podman, podman-compose, debootstrap (when missing)
+#   2. stand-in base images, wheelhouse, build every image (--network=none)
+#   3. start the services in dependency order, each gated on its own healthcheck (up.py)
+#   4. run the integration suite in the tests container against nginx by service name
+#   5. check the running containers from the host (users, health, routing)
+#   6. tear everything down (also on failure) and check nothing is left
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+
+scripts/bootstrap.sh
+tests/compose/bootstrap.sh
+
+export CONTAINERS_CONF=$PWD/tests/compose/containers.conf
+# HEALTHCHECK instructions survive only in the docker image format.
+export BUILDAH_FORMAT=docker
+project=${COMPOSE_TEST_PROJECT:-websockets-behind-nginx-test}
+export COMPOSE_PROJECT_NAME=$project
+# The suite proves an idle WebSocket outlives nginx's timeout with short intervals.
+export NGINX_PROXY_READ_TIMEOUT=${NGINX_PROXY_READ_TIMEOUT:-5s}
+export UWSGI_WEBSOCKETS_PING_FREQ=${UWSGI_WEBSOCKETS_PING_FREQ:-2}
+export NGINX_PORT=${COMPOSE_TEST_NGINX_PORT:-18080}
+log_dir=.run/compose
+mkdir -p "$log_dir"
+
+dangling_before=$(podman images --quiet --filter dangling=true | sort)
+eval "$(tests/compose/build-standins.sh)"
+export PYTHON_IMAGE NGINX_IMAGE REDIS_IMAGE
+make --no-print-directory wheelhouse >"$log_dir/wheelhouse.log" 2>&1 || { cat "$log_dir/wheelhouse.log" >&2; exit 1; }
+
+compose=(.venv/bin/podman-compose -f docker-compose.yml -p "$project" --profile test
+         --podman-build-args "--network=none --build-arg=PIP_NO_INDEX=1")
+
+images() {
+    .venv/bin/python -c 'import sys, yaml; print("\n".join(s["image"] for s in yaml.safe_load(open(sys.argv[1]))["services"].values() if "build" in s))' docker-compose.yml
+}
+leftovers() {
+    podman ps -a --filter "label=io.podman.compose.project=$project" --format '{{.Names}}'
+    podman network ls --format '{{.Name}}' | grep -F "${project}_" || true
+    podman volume ls --filter "label=io.podman.compose.project=$project" --format '{{.Name}}'
+    podman images --format '{{.Repository}}:{{.Tag}}' | grep -F websockets-behind-nginx || true
+}
+teardown() {
+    status=$?
+    set +e
+    if [ "$status" -ne 0 ]; then
+        echo "test-compose: failed; the services' logs are in $log_dir/" >&2
+    fi
+    for service in nginx uwsgi-app flask-app redis; do
+        podman logs "${project}_${service}_1" >"$log_dir/$service.log" 2>&1
+    done
+    "${compose[@]}" down --volumes --remove-orphans -t 20 >"$log_dir/down.log" 2>&1
+    podman rmi --force $(images) "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
+    # Untagged build stages and layers this run left behind.
+    comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort) \
+        | xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1
+    left=$(leftovers)
+    if [ -n "$left" ]; then
+        echo "test-compose: left behind after down: $left" >&2
+        status=1
+    fi
+    exit "$status"
+}
+trap teardown EXIT
+
+echo "test-compose: building images (offline)"
+"${compose[@]}" build >"$log_dir/build.log" 2>&1 || { tail -30 "$log_dir/build.log" >&2; exit 1; }
+echo "test-compose: starting the stack"
+.venv/bin/python tests/compose/up.py docker-compose.yml "$project" "${compose[@]}"
+
+echo "test-compose: the integration suite, from the tests container"
+status=0
+"${compose[@]}" run --rm --no-deps tests || status=$?
+if [ "$status" -eq 5 ]; then
+    echo "test-compose: pytest collected no tests; that is a failure here" >&2
+    status=1
+fi
+
+echo "test-compose: container checks, from the host"
+COMPOSE_TEST_PROJECT=$project STACK_MODE=compose STACK_BASE_URL="http://127.0.0.1:$NGINX_PORT" \
+    .venv/bin/python -m pytest -c tests/pytest.ini -m compose tests/compose || status=1
+exit "$status"

@@ -1,0 +1,104 @@
+"""The running compose stack, inspected from the host (make test-compose only).
+
+What the black-box suite in the tests container cannot see: which users the processes run
+as, what the healthchecks say, and how nginx addresses the apps.
+"""
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from repo import REPO
+from stack import http_get
+
+pytestmark = pytest.mark.compose
+
+PROJECT = os.environ.get("COMPOSE_TEST_PROJECT", "websockets-behind-nginx-test")
+APP_UID = 10001
+
+
+def container(service):
+    return f"{PROJECT}_{service}_1"
+
+
+def inspect(service):
+    out = subprocess.run(["podman", "inspect", container(service)], capture_output=True, text=True, check=True).stdout
+    return json.loads(out)[0]
+
+
+def process_tree(pid):
+    """The container's main process and all its descendants, as {pid: uid}."""
+    children = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(proc.name))
+    tree, todo = {}, [pid]
+    while todo:
+        current = todo.pop()
+        status = Path(f"/proc/{current}/status").read_text()
+        tree[current] = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+        todo.extend(children.get(current, []))
+    return tree
+
+
+@pytest.mark.parametrize("service", ["uwsgi-app", "flask-app"])
+def test_every_app_process_runs_as_the_app_user(service):
+    tree = process_tree(inspect(service)["State"]["Pid"])
+    assert len(tree) >= 3  # uWSGI master and its two workers
+    assert set(tree.values()) == {APP_UID}
+
+
+def test_redis_runs_as_a_non_root_user():
+    assert 0 not in process_tree(inspect("redis")["State"]["Pid"]).values()
+
+
+def test_nginx_workers_are_not_root():
+    # The official image's layout: a root master that binds and reads config, unprivileged workers.
+    main = inspect("nginx")["State"]["Pid"]
+    workers = {pid: uid for pid, uid in process_tree(main).items() if pid != main}
+    assert workers
+    assert 0 not in workers.values()
+
+
+@pytest.mark.parametrize("service", ["nginx", "uwsgi-app", "flask-app", "redis"])
+def test_healthcheck_reports_healthy(service):
+    check = subprocess.run(["podman", "healthcheck", "run", container(service)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert inspect(service)["State"]["Health"]["Status"] == "healthy"
+
+
+def test_nginx_reaches_the_apps_by_service_name():
+    rendered = subprocess.run(
+        ["podman", "exec", container("nginx"), "cat", "/etc/nginx/conf.d/default.conf"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "server uwsgi-app:8000;" in rendered
+    assert "server flask-app:8000;" in rendered
+    assert "${NGINX_" not in rendered
+    for backend in ("uwsgi", "flask"):
+        health = json.loads(http_get(f"/{backend}/healthz").body)
+        # Through the compose network, Redis is reachable by its service name too.
+        assert health == {**health, "status": "ok", "app": f"{backend}-app", "redis": "ok"}
+
+
+def test_nginx_is_published_on_loopback_only():
+    bindings = inspect("nginx")["HostConfig"]["PortBindings"]["8080/tcp"]
+    assert [binding["HostIp"] for binding in bindings] == ["127.0.0.1"]
+    assert http_get("/healthz").status == 200
+
+
+@pytest.mark.parametrize("service", ["uwsgi-app", "flask-app", "tests"])
+def test_project_images_declare_the_non_root_user(service):
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    user = subprocess.run(
+        ["podman", "image", "inspect", "--format", "{{.Config.User}}", compose["services"][service]["image"]],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()
+    assert user == f"{APP_UID}:{APP_UID}"
