@@ -74,7 +74,7 @@ echo "test-compose: starting the stack"
 
 echo "test-compose: the integration suite, from the tests container"
 status=0
-"${compose[@]}" run --rm --no-deps tests || status=$?
+"${compose[@]}" run -T --rm --no-deps tests || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test-compose: pytest collected no tests; that is a failure here" >&2
     status=1

@@ -76,7 +76,11 @@ def main():
     with open(compose_file) as stream:
         compose = yaml.safe_load(stream)
     for name in start_order(compose["services"]):
-        subprocess.run([*podman_compose, "up", "-d", "--no-deps", name], check=True, stdout=subprocess.DEVNULL)
+        # podman complains on stderr that it cannot hand the healthcheck to systemd; that is
+        # exactly what wait_healthy() does instead, so the output is shown only on failure.
+        started = subprocess.run([*podman_compose, "up", "-d", "--no-deps", name], capture_output=True, text=True)
+        if started.returncode != 0:
+            raise SystemExit(f"up: starting {name} failed:\n{started.stdout}{started.stderr}")
         healthcheck = compose["services"][name].get("healthcheck")
         if healthcheck:
             container = container_of(project, name)
