@@ -8,7 +8,9 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
 cache=${STANDIN_CACHE:-$repo/.run/compose}
-mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
+# The host's own Debian mirror (apt is reachable from CI), unless DEBIAN_MIRROR says otherwise.
+host_mirror=$(awk '/^URIs:/ && $2 !~ /security/ { print $2; exit }' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+mirror=${DEBIAN_MIRROR:-${host_mirror:-http://deb.debian.org/debian}}
 prefix=localhost/websockets-behind-nginx-standin
 # Everything the three stand-ins need, in one root filesystem they share as a base layer.
 packages=python3,python3-venv,python3-pip,python3-dev,python-is-python3,gcc,libc6-dev,libssl-dev,nginx,gettext-base,curl,redis-server,redis-tools,ca-certificates
