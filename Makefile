@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -18,6 +18,9 @@ test: ## run every test against a freshly started local stack; TEST_ARGS="-k idl
 
 test-compose: ## without Docker: build the images and run the compose stack with podman, test it, tear it down
 	tests/compose/run.sh
+
+conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
+	scripts/conformance.sh
 
 wheelhouse: bootstrap ## download every pinned Python package into wheelhouse/ (for offline image builds)
 	.venv/bin/pip download -q --disable-pip-version-check -d wheelhouse \

@@ -22,13 +22,18 @@ shows each one is needed by running without it.
    socket is readable, the handler sends, or the next ping is due.
    Limitation: uWSGI's API cannot tell an empty message from "nothing to read", so an
    empty message from a client is not delivered to flask-app handlers.
+5. BINARY_FRAMES       `client.send(msg, binary=True)` (the default) sends a text frame,
+   and a received message does not say whether it was binary. Binary messages now arrive
+   as `BinaryMessage` (a bytes subclass, so existing code keeps working); `send()` sends a
+   binary frame for them or when called with binary=True, text otherwise (0.6.1's de-facto
+   default). Needs uwsgi.websocket_opcode() from the project's uWSGI patches.
 """
 import asyncio
 import sys
 
 import flask.app
 
-FIXES = ("FLASK3_SETUPMETHOD", "PY311_ASYNCIO", "WERKZEUG_WS_RULES", "GEVENT_EMPTY_MESSAGES")
+FIXES = ("FLASK3_SETUPMETHOD", "PY311_ASYNCIO", "WERKZEUG_WS_RULES", "GEVENT_EMPTY_MESSAGES", "BINARY_FRAMES")
 
 
 def fix_flask3_setupmethod():
@@ -91,9 +96,32 @@ class WebSocketRoutesMixin:
         self.view_functions[endpoint] = view_func
 
 
+BINARY = 2  # RFC 6455 opcode
+# A stock uWSGI cannot tell: every message is then text.
+_message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
+
+
+class BinaryMessage(bytes):
+    """Fix 5: a message that arrived in binary frames."""
+
+
+class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
+    """Fix 5: send() honours the frame type."""
+
+    def send(self, msg, binary=None):
+        if binary is None:
+            binary = isinstance(msg, BinaryMessage)
+        self.send_queue.put((msg, bool(binary)))
+        self.send_event.set()
+
+    def send_binary(self, msg):
+        self.send(msg, binary=True)
+
+
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
     """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
 
+    client = GeventClient
     ping_interval = _ping_interval()
 
     def __call__(self, environ, start_response):
@@ -141,7 +169,8 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         send_event.clear()
         try:
             while client.connected and not send_queue.empty():
-                uwsgi.websocket_send(send_queue.get_nowait())
+                message, binary = send_queue.get_nowait()
+                (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
         except OSError:
             client.connected = False
 
@@ -152,7 +181,7 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                 message = uwsgi.websocket_recv_nb()
                 if not message:  # b'' means "nothing more to read", never a message
                     return
-                recv_queue.put(message)
+                recv_queue.put(BinaryMessage(message) if _message_opcode() == BINARY else message)
         except OSError:
             client.connected = False
 

@@ -19,6 +19,7 @@ command -v envsubst >/dev/null || apt_packages+=(gettext-base)
 dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 command -v gcc >/dev/null || apt_packages+=(gcc)
 dpkg -s libc6-dev >/dev/null 2>&1 || apt_packages+=(libc6-dev)
+command -v patch >/dev/null || apt_packages+=(patch)
 # A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
 "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
@@ -39,25 +40,20 @@ fi
 
 requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt)
 stamp="$VENV/.requirements.sha256"
-wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh | sha256sum | cut -d' ' -f1)
+wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then
     "$PYTHON" -m venv "$VENV"
 fi
-if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! "$VENV/bin/uwsgi" --version 2>/dev/null | grep -q -- -wsstack; then
     echo "bootstrap: installing Python dependencies into $VENV"
     "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
-    # --no-cache-dir for uWSGI: a wheel cached from a build without libssl-dev would come back without SSL.
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI \
-        $(printf -- '-r %s ' "${requirements[@]}")
+    # uWSGI first, patched and compiled with SSL (the same script the Dockerfiles run); the
+    # requirements then find uWSGI==2.0.31 already installed.
+    common/build-uwsgi.sh "$VENV/bin/pip" uwsgi-app/requirements.txt
+    "$VENV/bin/pip" install -q --disable-pip-version-check $(printf -- '-r %s ' "${requirements[@]}")
     # The Compose Specification JSON schema for tests/test_static.py; only its data file is used.
     "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps docker-compose==1.29.2
     echo "$wanted" >"$stamp"
 fi
 
-if ! "$VENV/bin/uwsgi" --cflags | tr ' ' '\n' | grep -qx -- -DUWSGI_SSL; then
-    echo "bootstrap: $VENV/bin/uwsgi lacks SSL support; rebuilding it against libssl-dev"
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI --force-reinstall --no-deps \
-        "$(grep -h '^uWSGI==' uwsgi-app/requirements.txt)"
-    "$VENV/bin/uwsgi" --cflags | tr ' ' '\n' | grep -qx -- -DUWSGI_SSL || { echo "bootstrap: uWSGI still built without SSL" >&2; exit 1; }
-fi
-echo "bootstrap: ready (nginx $(nginx -v 2>&1 | cut -d/ -f2), redis $(redis-server --version | grep -o "v=[0-9.]*" | cut -d= -f2), uWSGI $("$VENV/bin/uwsgi" --version) with SSL)"
+echo "bootstrap: ready (nginx $(nginx -v 2>&1 | cut -d/ -f2), redis $(redis-server --version | grep -o "v=[0-9.]*" | cut -d= -f2), uWSGI $("$VENV/bin/uwsgi" --version) with SSL and the project's patches)"

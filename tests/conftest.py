@@ -8,8 +8,14 @@ NGINX_PROXY_READ_TIMEOUT       the stack's setting, so idle tests hold longer th
 UWSGI_WEBSOCKETS_PING_FREQ     the stack's setting
 """
 import os
+import sys
+from pathlib import Path
 
 import pytest
+
+# wsstack (the raw RFC 6455 client, the conformance checks): common/ in the checkout,
+# copied to the same place relative to the tests in the tests image.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "common"))
 
 MODE = os.environ.get("STACK_MODE", "local")
 

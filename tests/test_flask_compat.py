@@ -10,6 +10,7 @@ import pytest
 from websockets.sync.client import connect
 
 from repo import REPO, VENV_BIN, free_port, run_python
+from wsstack.rawws import BINARY, TEXT, RawWebSocket
 
 pytestmark = pytest.mark.local
 
@@ -97,8 +98,9 @@ def fixture_app(request):
         UWSGI_PROCESSES="1",
         UWSGI_WEBSOCKETS_PING_FREQ="1",
         UWSGI_WORKER_RELOAD_MERCY="1",
-        COMPAT_FIX_GEVENT_EMPTY_MESSAGES=request.param,
     )
+    fix, enabled = request.param
+    env[f"COMPAT_FIX_{fix}"] = enabled
     process = subprocess.Popen(
         [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "common" / "uwsgi-base.ini"),
          "--pythonpath", str(REPO / "flask-app"), "--pythonpath", str(REPO / "tests" / "fixtures"),
@@ -134,12 +136,30 @@ def received_within(url, seconds):
         return extra
 
 
-@pytest.mark.parametrize("fixture_app", ["0"], indirect=True)
+@pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "0")], indirect=True)
 def test_without_the_middleware_fix_empty_messages_reach_the_client(fixture_app):
     extra = received_within(fixture_app, 3)
     assert extra and set(extra) <= {""}, extra  # upstream issue #39, reproduced
 
 
-@pytest.mark.parametrize("fixture_app", ["1"], indirect=True)
+@pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "1")], indirect=True)
 def test_with_the_middleware_fix_nothing_else_arrives(fixture_app):
     assert received_within(fixture_app, 3) == []
+
+
+def echoed_opcode(url):
+    with RawWebSocket(url) as ws:
+        ws.send(BINARY, bytes(range(256)))
+        frame = ws.recv_message(timeout=5)
+        assert frame.payload == bytes(range(256))
+        return frame.opcode
+
+
+@pytest.mark.parametrize("fixture_app", [("BINARY_FRAMES", "0")], indirect=True)
+def test_without_the_binary_fix_binary_comes_back_as_text(fixture_app):
+    assert echoed_opcode(fixture_app) == TEXT
+
+
+@pytest.mark.parametrize("fixture_app", [("BINARY_FRAMES", "1")], indirect=True)
+def test_with_the_binary_fix_binary_stays_binary(fixture_app):
+    assert echoed_opcode(fixture_app) == BINARY

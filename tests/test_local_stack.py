@@ -136,6 +136,19 @@ def test_ssl_check_rejects_a_uwsgi_built_without_ssl(tmp_path, monkeypatch):
     startup_check.require_ssl(str(VENV_BIN / "uwsgi"))  # the bootstrap's build passes
 
 
+def test_patch_check_rejects_a_stock_uwsgi(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "common"))
+    from wsstack import startup_check
+
+    stock = tmp_path / "uwsgi"
+    stock.write_text("#!/bin/sh\necho 2.0.31\n")
+    stock.chmod(0o755)
+    with pytest.raises(startup_check.StartupError, match="without the project's WebSocket patches"):
+        startup_check.require_patches(str(stock), {})
+    assert "STOCK" in startup_check.require_patches(str(stock), {"WSSTACK_ALLOW_STOCK_UWSGI": "1"})
+    assert startup_check.require_patches(str(VENV_BIN / "uwsgi"), {}) == "with the project's patches"
+
+
 @pytest.mark.parametrize("app", APPS)
 def test_sigterm_stops_the_app_gracefully_and_promptly(tmp_path, app):
     log_path = tmp_path / "uwsgi.log"
@@ -144,7 +157,8 @@ def test_sigterm_stops_the_app_gracefully_and_promptly(tmp_path, app):
         wait_healthy(process, url)
         log = log_path.read_text()
         # The start-up check ran inside uWSGI (exec-asap) against this very binary.
-        assert f"startup check passed: settings valid, {VENV_BIN / 'uwsgi'} built with SSL" in log
+        assert (f"startup check passed: settings valid, {VENV_BIN / 'uwsgi'} built with SSL, "
+                "with the project's patches") in log
         for _ in range(4):  # reach both workers
             urllib.request.urlopen(url + "/healthz", timeout=5).read()
         # No gevent loop may exist in the master before the fork: its wake-up eventfd would be

@@ -9,6 +9,9 @@ import uwsgi
 from wsstack import health, http
 
 APP_NAME = "uwsgi-app"
+BINARY = 2  # RFC 6455 opcode
+# A stock uWSGI (allowed only for comparisons) cannot tell: everything is echoed as text.
+message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
 
 
 def echo(environ, start_response):
@@ -23,7 +26,11 @@ def echo(environ, start_response):
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
             # and pings go out every websockets-ping-freq seconds while it waits.
             message = uwsgi.websocket_recv()
-            uwsgi.websocket_send(message)
+            # The opcode comes with the project's uWSGI patches (0004): binary stays binary.
+            if message_opcode() == BINARY:
+                uwsgi.websocket_send_binary(message)
+            else:
+                uwsgi.websocket_send(message)
         except OSError:  # peer closed, pong timeout or write error: the connection is over
             return []
 

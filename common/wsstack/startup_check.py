@@ -8,6 +8,9 @@ or loads the app; a non-zero exit stops uWSGI with the message printed here.
    serves and never exits.
 2. SSL. uWSGI computes Sec-WebSocket-Accept with OpenSSL's SHA-1; a binary compiled
    without libssl-dev lacks it, and every `uwsgi.websocket_handshake()` fails.
+3. Patches. A stock uWSGI (`uwsgi --version` without the -wsstack label of
+   common/uwsgi-patches/0008) has the WebSocket defects the patch set fixes; one client can
+   crash a worker. WSSTACK_ALLOW_STOCK_UWSGI=1 lets it start anyway (for comparisons).
 
 Why a separate process and not a check inside the app: the SSL check runs
 `uwsgi --cflags`, and a subprocess started in the master under gevent's monkey-patching
@@ -84,15 +87,28 @@ def require_ssl(binary):
         )
 
 
+def require_patches(binary, environ):
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    if version.endswith("-wsstack"):
+        return "with the project's patches"
+    if environ.get("WSSTACK_ALLOW_STOCK_UWSGI") == "1":
+        return f"STOCK ({version}, allowed by WSSTACK_ALLOW_STOCK_UWSGI=1)"
+    raise StartupError(
+        f"{binary} is uWSGI {version} without the project's WebSocket patches (common/uwsgi-patches); "
+        "build it with common/build-uwsgi.sh (make bootstrap does)"
+    )
+
+
 def main():
     try:
         check_environment(os.environ)
         binary = parent_uwsgi_binary()
         require_ssl(binary)
+        patches = require_patches(binary, os.environ)
     except StartupError as exc:
         print(f"startup check failed: {exc}", file=sys.stderr)
         return 1
-    print(f"startup check passed: settings valid, {binary} built with SSL")
+    print(f"startup check passed: settings valid, {binary} built with SSL, {patches}")
     return 0
 
 

@@ -13,7 +13,7 @@ host_mirror=$(awk '/^URIs:/ && $2 !~ /security/ { print $2; exit }' /etc/apt/sou
 mirror=${DEBIAN_MIRROR:-${host_mirror:-http://deb.debian.org/debian}}
 prefix=localhost/websockets-behind-nginx-standin
 # Everything the three stand-ins need, in one root filesystem they share as a base layer.
-packages=python3,python3-venv,python3-pip,python3-dev,python-is-python3,gcc,libc6-dev,libssl-dev,nginx,gettext-base,curl,redis-server,redis-tools,ca-certificates
+packages=python3,python3-venv,python3-pip,python3-dev,python-is-python3,gcc,libc6-dev,libssl-dev,patch,nginx,gettext-base,curl,redis-server,redis-tools,ca-certificates
 
 key=$(printf '%s %s' "$packages" "$(cat "$0")" | sha256sum | cut -c1-12)
 base="$prefix/base:$key"
