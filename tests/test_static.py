@@ -72,7 +72,9 @@ def test_app_images_are_multi_stage_non_root_and_ship_no_compiler(app):
     stages = re.split(r"^FROM ", text, flags=re.M)[1:]
     assert len(stages) == 2
     build, final = stages
-    assert "libssl-dev" in build and "-DUWSGI_SSL" in build
+    # uWSGI comes from common/build-uwsgi.sh (patch set, SSL check), as in local mode.
+    assert "libssl-dev" in build and "/build-uwsgi.sh /opt/venv/bin/pip" in build
+    assert "-DUWSGI_SSL" in (REPO / "common" / "build-uwsgi.sh").read_text()
     assert "gcc" not in final and "apt-get" not in final
     assert re.search(r"^USER 10001:10001$", final, re.M)
 
