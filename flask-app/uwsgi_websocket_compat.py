@@ -131,10 +131,10 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
             return http.respond(start_response, http.upgrade_required())
         except HTTPException:
             return self.wsgi_app(environ, start_response)
-        key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
-        if not key:
-            return http.respond(start_response, http.bad_handshake("missing Sec-WebSocket-Key"))
-        uwsgi.websocket_handshake(key, environ.get("HTTP_ORIGIN", ""))
+        refusal = http.handshake_refusal(environ)
+        if refusal:
+            return http.respond(start_response, refusal)
+        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
         self.serve(self.websocket.view_functions[endpoint], args, environ)
         return []
 

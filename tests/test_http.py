@@ -1,7 +1,10 @@
 """Plain HTTP through nginx: health, the demo page, and WebSocket endpoints hit without an upgrade."""
 import json
 
-from stack import http_get
+import pytest
+
+from stack import BASE_URL, http_get, ws_url
+from wsstack.rawws import TEXT, RawWebSocket
 
 
 def test_stack_health_reports_both_apps():
@@ -48,3 +51,48 @@ def test_demo_page_is_served_with_a_content_security_policy():
 
 def test_server_header_hides_the_nginx_version():
     assert http_get("/healthz").headers["server"] == "nginx"
+
+
+def handshake(backend, **headers):
+    base = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+            "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}
+    base.update(headers)
+    return http_get(f"/{backend}/ws/echo", headers={k: v for k, v in base.items() if v is not None})
+
+
+def test_malformed_key_is_a_bad_request(backend):
+    resp = handshake(backend, **{"Sec-WebSocket-Key": "not-base64-16-bytes"})
+    assert resp.status == 400
+    assert b"Sec-WebSocket-Key" in resp.body
+
+
+def test_unsupported_version_gets_426_naming_version_13(backend):
+    resp = handshake(backend, **{"Sec-WebSocket-Version": "8"})
+    assert resp.status == 426
+    assert resp.headers["sec-websocket-version"] == "13"
+
+
+def test_foreign_origin_is_forbidden(backend):
+    # Cross-site WebSocket hijacking: a page elsewhere must not ride on the user's cookies.
+    resp = handshake(backend, Origin="https://evil.example")
+    assert resp.status == 403
+    assert b"evil.example" in resp.body
+
+
+@pytest.mark.parametrize("origin", [BASE_URL, None], ids=["same origin", "no Origin (non-browser)"])
+def test_same_origin_and_originless_clients_are_accepted(backend, origin):
+    ws = RawWebSocket(ws_url(backend), headers={"Origin": origin})
+    try:
+        assert "sec-websocket-origin" not in ws.response_headers  # no pre-RFC header (patch 0007)
+        ws.send(TEXT, b"hi")
+        assert ws.recv_message(timeout=5).payload == b"hi"
+    finally:
+        ws.close()
+
+
+def test_at_most_one_subprotocol_is_selected(backend):
+    ws = RawWebSocket(ws_url(backend), headers={"Sec-WebSocket-Protocol": "chat.v2, chat.v1"})
+    try:
+        assert ws.response_headers["sec-websocket-protocol"] == ["chat.v2"]
+    finally:
+        ws.close()

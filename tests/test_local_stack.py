@@ -124,15 +124,31 @@ def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
     assert f"startup check failed: {variable}" in result.stdout + result.stderr
 
 
+def test_app_refuses_to_start_with_malformed_allowed_origins():
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}", ALLOWED_ORIGINS="ftp://files.example")
+    result = subprocess.run(
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "uwsgi-app" / "uwsgi.ini")],
+        env=env, capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode != 0
+    assert "ALLOWED_ORIGINS: 'ftp://files.example' is not an origin" in result.stdout + result.stderr
+
+
+def fake_uwsgi(tmp_path, output):
+    """A stand-in uwsgi binary that prints `output` whatever it is asked (--cflags, --version)."""
+    fake = tmp_path / "uwsgi"
+    fake.write_text(f"#!/bin/sh\necho '{output}'\n")
+    fake.chmod(0o755)
+    return str(fake)
+
+
 def test_ssl_check_rejects_a_uwsgi_built_without_ssl(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "common"))
     from wsstack import startup_check
 
-    fake = tmp_path / "uwsgi"
-    fake.write_text("#!/bin/sh\necho '-O2 -DUWSGI_HAS_IFADDRS -DUWSGI_ZLIB'\n")
-    fake.chmod(0o755)
+    fake = fake_uwsgi(tmp_path, "-O2 -DUWSGI_HAS_IFADDRS -DUWSGI_ZLIB")
     with pytest.raises(startup_check.StartupError, match="built without SSL"):
-        startup_check.require_ssl(str(fake))
+        startup_check.require_ssl(fake)
     startup_check.require_ssl(str(VENV_BIN / "uwsgi"))  # the bootstrap's build passes
 
 
@@ -140,12 +156,10 @@ def test_patch_check_rejects_a_stock_uwsgi(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "common"))
     from wsstack import startup_check
 
-    stock = tmp_path / "uwsgi"
-    stock.write_text("#!/bin/sh\necho 2.0.31\n")
-    stock.chmod(0o755)
+    stock = fake_uwsgi(tmp_path, "2.0.31")
     with pytest.raises(startup_check.StartupError, match="without the project's WebSocket patches"):
-        startup_check.require_patches(str(stock), {})
-    assert "STOCK" in startup_check.require_patches(str(stock), {"WSSTACK_ALLOW_STOCK_UWSGI": "1"})
+        startup_check.require_patches(stock, {})
+    assert "STOCK" in startup_check.require_patches(stock, {"WSSTACK_ALLOW_STOCK_UWSGI": "1"})
     assert startup_check.require_patches(str(VENV_BIN / "uwsgi"), {}) == "with the project's patches"
 
 

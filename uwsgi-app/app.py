@@ -17,10 +17,10 @@ message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
 def echo(environ, start_response):
     if not http.is_websocket_upgrade(environ):
         return http.respond(start_response, http.upgrade_required())
-    key = environ.get("HTTP_SEC_WEBSOCKET_KEY")
-    if not key:
-        return http.respond(start_response, http.bad_handshake("missing Sec-WebSocket-Key"))
-    uwsgi.websocket_handshake(key, environ.get("HTTP_ORIGIN", ""))
+    refusal = http.handshake_refusal(environ)
+    if refusal:
+        return http.respond(start_response, refusal)
+    uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
     while True:
         try:
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,

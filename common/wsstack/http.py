@@ -1,4 +1,29 @@
-"""Plain-HTTP answers shared by both apps' websocket endpoints."""
+"""Plain-HTTP answers and handshake checks shared by both apps' websocket endpoints.
+
+ALLOWED_ORIGINS   comma-separated origins allowed to open WebSockets, e.g.
+                  "https://chat.example.com,http://localhost:8080"; default (unset or
+                  empty): only the origin of the request's own host. Requests without an
+                  Origin header (non-browser clients) are always allowed: the check exists
+                  against cross-site WebSocket hijacking, which only browsers can be led into.
+"""
+import base64
+import binascii
+import os
+import urllib.parse
+
+
+def parse_origins(value):
+    origins = set()
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        parts = urllib.parse.urlsplit(item)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.path not in ("", "/"):
+            raise ValueError(f"ALLOWED_ORIGINS: {item!r} is not an origin such as https://example.com")
+        origins.add(f"{parts.scheme}://{parts.netloc.lower()}")
+    return origins
+
+
+# Fails at import, so uWSGI (need-app) refuses to start with a malformed value.
+ALLOWED_ORIGINS = parse_origins(os.environ.get("ALLOWED_ORIGINS", ""))
 
 
 def plain(status, text, extra_headers=()):
@@ -19,6 +44,46 @@ def upgrade_required():
 
 def bad_handshake(reason):
     return plain("400 Bad Request", f"WebSocket handshake refused: {reason}")
+
+
+def version_not_supported():
+    # RFC 6455 4.4: tell the client which version we speak.
+    return plain("426 Upgrade Required", "WebSocket handshake refused: only Sec-WebSocket-Version 13 is supported.",
+                 [("Sec-WebSocket-Version", "13")])
+
+
+def forbidden_origin(origin):
+    return plain("403 Forbidden", f"WebSocket handshake refused: origin {origin} is not allowed.")
+
+
+def valid_key(key):
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except (binascii.Error, ValueError):
+        return False
+
+
+def origin_allowed(origin, environ, allowed=None):
+    allowed = ALLOWED_ORIGINS if allowed is None else allowed
+    parts = urllib.parse.urlsplit(origin)
+    normalized = f"{parts.scheme}://{parts.netloc.lower()}"
+    if allowed:
+        return normalized in allowed
+    # Default: same host as the request (nginx passes the client's Host, port included, as X-Forwarded-Host).
+    host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", "")
+    return bool(host) and parts.netloc.lower() == host.lower()
+
+
+def handshake_refusal(environ, allowed=None):
+    """None when the upgrade request may proceed, else the (status, headers, body) answer."""
+    if not valid_key(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")):
+        return bad_handshake("missing or malformed Sec-WebSocket-Key (16 bytes, base64)")
+    if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
+        return version_not_supported()
+    origin = environ.get("HTTP_ORIGIN")
+    if origin is not None and not origin_allowed(origin, environ, allowed):
+        return forbidden_origin(origin)
+    return None
 
 
 def not_found():
