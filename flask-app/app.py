@@ -7,7 +7,7 @@ Routes (nginx mounts them under /flask/):
 from flask import Flask, Response
 
 from uwsgi_websocket_compat import GeventWebSocket
-from wsstack import health
+from wsstack import health, ratelimit
 
 APP_NAME = "flask-app"
 
@@ -23,8 +23,12 @@ def healthz():
 
 @websocket.route("/ws/echo")
 def echo(client):
+    bucket = ratelimit.TokenBucket()
     while True:
         message = client.receive()
         if message is None:  # connection closed
+            return
+        if not bucket.allow():
+            client.close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
             return
         client.send(message)

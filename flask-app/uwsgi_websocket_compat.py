@@ -105,8 +105,18 @@ class BinaryMessage(bytes):
     """Fix 5: a message that arrived in binary frames."""
 
 
+class _Close:
+    def __init__(self, code, reason):
+        self.code, self.reason = code, reason
+
+
 class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
-    """Fix 5: send() honours the frame type."""
+    """Fix 5: send() honours the frame type. Also: close() can send a close code."""
+
+    def close(self, code=1000, reason=b""):
+        # The close frame goes out from the request greenlet, like every frame (see serve()).
+        self.send_queue.put(_Close(code, reason))
+        self.send_event.set()
 
     def send(self, msg, binary=None):
         if binary is None:
@@ -169,7 +179,12 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         send_event.clear()
         try:
             while client.connected and not send_queue.empty():
-                message, binary = send_queue.get_nowait()
+                item = send_queue.get_nowait()
+                if isinstance(item, _Close):
+                    client.connected = False
+                    uwsgi.websocket_close(item.code, item.reason)
+                    return
+                message, binary = item
                 (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
         except OSError:
             client.connected = False

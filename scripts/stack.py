@@ -36,6 +36,9 @@ DEFAULTS = {
     "NGINX_HOST": "127.0.0.1",
     "NGINX_PORT": "8080",
     "NGINX_PROXY_READ_TIMEOUT": "60s",
+    "NGINX_WS_CONNECTIONS_PER_IP": "1000",
+    "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
+    "NGINX_WS_HANDSHAKE_BURST": "500",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
@@ -78,6 +81,9 @@ def load_settings(environ):
     for name in ("LOCAL_STARTUP_TIMEOUT", "LOCAL_STOP_TIMEOUT", "UWSGI_WEBSOCKETS_PING_FREQ"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number of seconds >= 1")
+    for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
+        if not settings[name].isdigit() or int(settings[name]) < 1:
+            raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     read_timeout = nginx_seconds("NGINX_PROXY_READ_TIMEOUT", settings["NGINX_PROXY_READ_TIMEOUT"])
     if read_timeout <= int(settings["UWSGI_WEBSOCKETS_PING_FREQ"]):
         raise ConfigError(

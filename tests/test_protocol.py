@@ -164,3 +164,27 @@ def test_fuzzed_frames_get_a_well_formed_answer_and_never_crash_a_worker(backend
 
     run()
     assert uwsgi_processes(f"{backend}-app") == before
+
+
+# --- Message-rate limit per connection ---------------------------------------------------------
+
+BURST = int(os.environ.get("WS_MESSAGE_BURST", "200"))
+
+
+def test_a_connection_flooding_messages_is_closed_with_1008_and_others_are_unaffected(backend):
+    with RawWebSocket(ws_url(backend)) as bystander, RawWebSocket(ws_url(backend)) as flood:
+        for i in range(BURST * 2):
+            try:
+                flood.send(TEXT, f"{i}".encode())
+            except OSError:
+                break  # closed on us mid-flood: the close frame is read below
+        echoed = 0
+        while True:
+            frame = flood.recv_message(timeout=10)
+            if frame.opcode == CLOSE:
+                break
+            echoed += 1
+        assert frame.close_code == 1008 and frame.close_reason == "message rate limit exceeded"
+        assert BURST <= echoed < BURST * 2  # the burst went through, the flood did not
+        bystander.send(TEXT, b"unaffected")
+        assert bystander.recv_message(timeout=5).payload == b"unaffected"

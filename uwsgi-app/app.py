@@ -6,7 +6,7 @@ Routes (nginx mounts them under /uwsgi/):
 """
 import uwsgi
 
-from wsstack import health, http
+from wsstack import health, http, ratelimit
 
 APP_NAME = "uwsgi-app"
 BINARY = 2  # RFC 6455 opcode
@@ -21,11 +21,15 @@ def echo(environ, start_response):
     if refusal:
         return http.respond(start_response, refusal)
     uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+    bucket = ratelimit.TokenBucket()
     while True:
         try:
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
             # and pings go out every websockets-ping-freq seconds while it waits.
             message = uwsgi.websocket_recv()
+            if not bucket.allow():
+                uwsgi.websocket_close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
+                return []
             # The opcode comes with the project's uWSGI patches (0004): binary stays binary.
             if message_opcode() == BINARY:
                 uwsgi.websocket_send_binary(message)
