@@ -130,7 +130,10 @@ class RawWebSocket:
         while True:
             frame = self.recv_frame(timeout)
             if frame.opcode == PING and skip_pings:
-                self.send(PONG, frame.payload)
+                try:
+                    self.send(PONG, frame.payload)
+                except OSError:
+                    pass  # the server may be closing: what it sent before is still to be read
                 continue
             return frame
 
