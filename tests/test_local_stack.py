@@ -78,7 +78,8 @@ def run_stack_expecting_failure(tmp_path, overrides, message):
 
 def start_app(app, log_path, **env_overrides):
     port = free_port()
-    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5", **env_overrides)
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
+    env.update(env_overrides)
     log = open(log_path, "w")
     process = subprocess.Popen(
         [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -122,6 +123,34 @@ def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
     )
     assert result.returncode != 0
     assert f"startup check failed: {variable}" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_graceful_stop_closes_open_websockets_with_1001(tmp_path, app, monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "common"))
+    from wsstack.rawws import CLOSE, TEXT, RawWebSocket
+
+    process, url = start_app(app, tmp_path / "uwsgi.log", UWSGI_WORKER_RELOAD_MERCY="30")
+    try:
+        wait_healthy(process, url)
+        clients = [RawWebSocket(url.replace("http", "ws") + "/ws/echo") for _ in range(6)]  # on both workers
+        for ws in clients:
+            ws.send(TEXT, b"hello")
+            assert ws.recv_message(timeout=5).payload == b"hello"
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        for ws in clients:
+            frame = ws.expect_close(timeout=5)
+            assert frame is not None and (frame.close_code, frame.close_reason) == (1001, "server shutting down")
+            ws.send(CLOSE, frame.payload[:2])  # as a browser does
+        process.wait(timeout=15)
+        # Well within the 30 s mercy: the workers did not wait for it to run out.
+        assert time.monotonic() - started < 5
+        assert "Brutally killing" not in (tmp_path / "uwsgi.log").read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_app_refuses_to_start_with_malformed_allowed_origins():
