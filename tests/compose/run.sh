@@ -52,6 +52,10 @@ teardown() {
     fi
     for service in nginx uwsgi-app flask-app redis; do
         podman logs "${project}_${service}_1" >"$log_dir/$service.log" 2>&1
+        if [ "$status" -ne 0 ]; then
+            echo "--- last lines of $service's log:" >&2
+            tail -n 15 "$log_dir/$service.log" >&2
+        fi
     done
     "${compose[@]}" down --volumes --remove-orphans -t 20 >"$log_dir/down.log" 2>&1
     podman rmi --force $(images) "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
