@@ -38,5 +38,6 @@ compose-up: ## Docker: build and start the stack
 compose-test: ## Docker: run the suite in the tests container against nginx
 	NGINX_PROXY_READ_TIMEOUT=5s UWSGI_WEBSOCKETS_PING_FREQ=2 docker compose --profile test run --rm --build tests
 
-compose-down: ## Docker: stop and remove the stack
+compose-down: ## Docker: stop and remove the stack (apps first: their WebSocket clients get close 1001 through nginx)
+	docker compose stop uwsgi-app flask-app
 	docker compose --profile test down --volumes --remove-orphans

@@ -27,6 +27,9 @@ shows each one is needed by running without it.
    as `BinaryMessage` (a bytes subclass, so existing code keeps working); `send()` sends a
    binary frame for them or when called with binary=True, text otherwise (0.6.1's de-facto
    default). Needs uwsgi.websocket_opcode() from the project's uWSGI patches.
+
+Beyond the fixes, the middleware applies the project's per-worker connection cap
+(wsstack.capacity: 503 at the handshake when the worker is full), as uwsgi-app does.
 """
 import asyncio
 import sys
@@ -70,7 +73,7 @@ from gevent.queue import Queue  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
-from wsstack import http  # noqa: E402
+from wsstack import capacity, http  # noqa: E402
 
 uwsgi = flask_uwsgi_websocket.uwsgi
 
@@ -144,9 +147,12 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         refusal = http.handshake_refusal(environ)
         if refusal:
             return http.respond(start_response, refusal)
-        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-        self.serve(self.websocket.view_functions[endpoint], args, environ)
-        return []
+        with capacity.WORKER.slot() as granted:
+            if not granted:
+                return http.respond(start_response, capacity.WORKER.refusal())
+            uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+            self.serve(self.websocket.view_functions[endpoint], args, environ)
+            return []
 
     def serve(self, view, args, environ):
         # uWSGI's websocket calls only work from the request's own greenlet (the gevent

@@ -4,7 +4,8 @@ Starts redis-server, uwsgi-app, flask-app and nginx from the same config files t
 containers use (uwsgi-app/uwsgi.ini, flask-app/uwsgi.ini, nginx/nginx.conf and
 nginx/templates/*.template rendered the same way), waits until each passes its health
 check, and relays their output prefixed with the service name. SIGINT or SIGTERM stops
-them in order (nginx, apps, redis), gracefully, then forcibly after a grace period;
+them gracefully, then forcibly after a grace period: both apps first, together, while nginx
+still relays the close 1001 they send to every WebSocket client, then nginx, then redis;
 nothing is left running. If a service dies, the rest are stopped and the exit status
 is non-zero.
 
@@ -36,6 +37,7 @@ DEFAULTS = {
     "NGINX_HOST": "127.0.0.1",
     "NGINX_PORT": "8080",
     "NGINX_PROXY_READ_TIMEOUT": "60s",
+    "NGINX_SEND_TIMEOUT": "10s",
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
@@ -84,6 +86,7 @@ def load_settings(environ):
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
+    nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     read_timeout = nginx_seconds("NGINX_PROXY_READ_TIMEOUT", settings["NGINX_PROXY_READ_TIMEOUT"])
     if read_timeout <= int(settings["UWSGI_WEBSOCKETS_PING_FREQ"]):
         raise ConfigError(
@@ -122,13 +125,17 @@ class Service:
         except ProcessLookupError:
             pass
 
-    def stop(self, timeout):
-        if self.process is None:
-            return
+    def begin_stop(self):
         if self.alive():
             # Only the leader: uWSGI's master and nginx's master stop their workers gracefully,
             # whereas a worker signalled directly (gevent maps SIGTERM to "brutally kill") would not.
             self.process.send_signal(self.stop_signal)
+
+    def stop(self, timeout):
+        if self.process is None:
+            return
+        self.begin_stop()
+        if self.alive():
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -262,8 +269,15 @@ class Stack:
             status = 1
         finally:
             print("stack: stopping", flush=True)
-            for service in reversed(self.services):
-                service.stop(int(self.settings["LOCAL_STOP_TIMEOUT"]))
+            timeout = int(self.settings["LOCAL_STOP_TIMEOUT"])
+            # The apps close their WebSockets with 1001, which reaches the clients only while
+            # nginx is up; stopping nginx first would hold them until worker_shutdown_timeout
+            # and then cut them off without a close frame.
+            apps = [s for s in self.services if s.name.endswith("-app")]
+            for service in apps:
+                service.begin_stop()
+            for service in apps + [s for s in reversed(self.services) if s not in apps]:
+                service.stop(timeout)
             print("stack: stopped", flush=True)
         return status
 

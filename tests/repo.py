@@ -21,6 +21,7 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_HOST": "127.0.0.1",
         "NGINX_PORT": "18080",
         "NGINX_PROXY_READ_TIMEOUT": "60s",
+        "NGINX_SEND_TIMEOUT": "10s",
         "NGINX_WS_CONNECTIONS_PER_IP": "1000",
         "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
         "NGINX_WS_HANDSHAKE_BURST": "500",

@@ -1,5 +1,4 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
-import configparser
 import importlib.util
 import re
 import shlex
@@ -101,6 +100,7 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert stack.DEFAULTS["UWSGI_WEBSOCKETS_PING_FREQ"] == ini["UWSGI_WEBSOCKETS_PING_FREQ"]
     assert stack.DEFAULTS["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
     assert compose_defaults["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
+    assert stack.DEFAULTS["NGINX_SEND_TIMEOUT"] == nginx_env["NGINX_SEND_TIMEOUT"] == compose_defaults["NGINX_SEND_TIMEOUT"]
     assert stack.DEFAULTS["NGINX_PORT"] == nginx_env["NGINX_PORT"] == compose_defaults["NGINX_PORT"]
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name

@@ -3,15 +3,11 @@
 Each test runs its own nginx, rendered from the same template with tiny limits, in front of
 the running local stack's apps, so the limits can be reached in a few requests.
 """
-import os
-import signal
-import subprocess
 import time
-import urllib.request
 
 import pytest
 
-from repo import free_port, render_nginx
+from local_processes import running_nginx
 from wsstack.rawws import TEXT, HandshakeError, RawWebSocket
 
 pytestmark = pytest.mark.local
@@ -19,27 +15,8 @@ pytestmark = pytest.mark.local
 
 @pytest.fixture
 def limited_nginx(tmp_path, request):
-    port = free_port()
-    prefix = render_nginx(
-        tmp_path, NGINX_PORT=str(port),
-        NGINX_UWSGI_APP_UPSTREAM=f"127.0.0.1:{os.environ.get('LOCAL_UWSGI_APP_PORT', '8001')}",
-        NGINX_FLASK_APP_UPSTREAM=f"127.0.0.1:{os.environ.get('LOCAL_FLASK_APP_PORT', '8002')}",
-        **request.param,
-    )
-    process = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 10
-    while True:  # readiness: nginx answers its own health check
-        try:
-            urllib.request.urlopen(url + "/healthz", timeout=1).read()
-            break
-        except OSError:
-            assert process.poll() is None and time.monotonic() < deadline, "nginx did not start"
-            time.sleep(0.1)
-    yield f"ws://127.0.0.1:{port}"
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=10)
+    with running_nginx(tmp_path, **request.param) as url:
+        yield url
 
 
 @pytest.mark.parametrize("limited_nginx", [{"NGINX_WS_CONNECTIONS_PER_IP": "3"}], indirect=True)

@@ -1,4 +1,5 @@
 """`make run`'s process runner and the apps' start-up checks (local mode only)."""
+import contextlib
 import os
 import re
 import signal
@@ -9,8 +10,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
+from local_processes import start_app, wait_healthy
 from repo import REPO, VENV_BIN, free_port
 
 pytestmark = pytest.mark.local
@@ -74,30 +77,6 @@ def run_stack_expecting_failure(tmp_path, overrides, message):
     assert result.returncode != 0
     assert message in result.stderr
     assert "ready" not in result.stdout
-
-
-def start_app(app, log_path, **env_overrides):
-    port = free_port()
-    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
-    env.update(env_overrides)
-    log = open(log_path, "w")
-    process = subprocess.Popen(
-        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
-    )
-    return process, f"http://127.0.0.1:{port}"
-
-
-def wait_healthy(process, url, timeout=30):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, "uWSGI exited during start-up"
-        try:
-            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
-                if resp.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.1)
-    raise AssertionError(f"{url} not healthy after {timeout}s")
 
 
 def eventfds(pid):
@@ -239,13 +218,22 @@ def test_stopping_make_run_leaves_no_process_behind(tmp_path, signum):
         instance_id = ready.group(1)
         assert len(processes_of(instance_id)) >= 6  # redis, 2 x (uWSGI master + workers), nginx master + workers
 
-        # An open WebSocket through nginx must not keep anything alive after the stop.
-        with connect(f"ws://127.0.0.1:{env['NGINX_PORT']}/uwsgi/ws/echo", ping_interval=None) as ws:
-            ws.send("still here")
-            assert ws.recv(timeout=5) == "still here"
+        # Open WebSockets through nginx get the apps' close 1001 (the apps stop before nginx)
+        # and keep nothing alive after the stop.
+        with contextlib.ExitStack() as open_clients:
+            clients = [open_clients.enter_context(connect(f"ws://127.0.0.1:{env['NGINX_PORT']}/{backend}/ws/echo",
+                                                          ping_interval=None))
+                       for backend in ("uwsgi", "flask")]
+            for ws in clients:
+                ws.send("still here")
+                assert ws.recv(timeout=5) == "still here"
             started = time.monotonic()
             runner.send_signal(signum)
-            rest, _ = runner.communicate(timeout=60)
+            for ws in clients:
+                with pytest.raises(ConnectionClosed) as closed:
+                    ws.recv(timeout=10)
+                assert closed.value.rcvd is not None and closed.value.rcvd.code == 1001
+        rest, _ = runner.communicate(timeout=60)
         output.append(rest)
         assert runner.returncode == 0, "".join(output)
         assert "stack: stopped" in rest

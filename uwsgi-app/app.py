@@ -6,7 +6,7 @@ Routes (nginx mounts them under /uwsgi/):
 """
 import uwsgi
 
-from wsstack import health, http, ratelimit
+from wsstack import capacity, health, http, ratelimit
 
 APP_NAME = "uwsgi-app"
 BINARY = 2  # RFC 6455 opcode
@@ -20,8 +20,15 @@ def echo(environ, start_response):
     refusal = http.handshake_refusal(environ)
     if refusal:
         return http.respond(start_response, refusal)
-    uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-    bucket = ratelimit.TokenBucket()
+    with capacity.WORKER.slot() as granted:
+        if not granted:
+            return http.respond(start_response, capacity.WORKER.refusal())
+        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+        serve(ratelimit.TokenBucket())
+        return []
+
+
+def serve(bucket):
     while True:
         try:
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
@@ -29,14 +36,17 @@ def echo(environ, start_response):
             message = uwsgi.websocket_recv()
             if not bucket.allow():
                 uwsgi.websocket_close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
-                return []
+                return
             # The opcode comes with the project's uWSGI patches (0004): binary stays binary.
+            # A send to a reader that stopped reading waits at most socket-timeout seconds
+            # (UWSGI_SOCKET_TIMEOUT), then fails and ends the connection; meanwhile only this
+            # greenlet waits.
             if message_opcode() == BINARY:
                 uwsgi.websocket_send_binary(message)
             else:
                 uwsgi.websocket_send(message)
         except OSError:  # peer closed, pong timeout or write error: the connection is over
-            return []
+            return
 
 
 def application(environ, start_response):

@@ -51,7 +51,15 @@ def encode_frame(opcode, payload=b"", fin=True, rsv=0, mask=True, length=None):
     if not mask:
         return header + payload
     key = os.urandom(4)
-    return header + key + bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+    return header + key + apply_mask(key, payload)
+
+
+def apply_mask(key, payload):
+    # One big-integer XOR instead of a Python loop per byte: megabyte frames stay cheap.
+    if not payload:
+        return b""
+    repeated = (key * (len(payload) // 4 + 1))[:len(payload)]
+    return (int.from_bytes(payload, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(payload), "big")
 
 
 def close_payload(code, reason=""):
@@ -122,7 +130,7 @@ class RawWebSocket:
         key = self._read_exact(4) if second & 0x80 else None
         payload = self._read_exact(n)
         if key:
-            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            payload = apply_mask(key, payload)
         return Frame(bool(first & 0x80), (first >> 4) & 7, first & 0x0F, payload)
 
     def recv_message(self, timeout=None, skip_pings=True):

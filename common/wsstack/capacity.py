@@ -1,0 +1,79 @@
+"""Per-worker cap on open WebSockets, enforced at the handshake by both apps.
+
+WS_MAX_CONNECTIONS_PER_WORKER   WebSockets one worker process holds open at once (default 900)
+
+Every open WebSocket occupies one of its worker's gevent cores (UWSGI_GEVENT, default 1000)
+for its whole life. When all cores are taken uWSGI stops accepting: new clients then sit in
+the listen queue without an answer until nginx gives up on them (504 after
+proxy_read_timeout), and health checks hang the same way. The cap is therefore lower than
+the core count: a full worker still has cores to answer health checks and to refuse new
+WebSockets at once with 503 and Retry-After. One app instance holds at most
+UWSGI_PROCESSES x WS_MAX_CONNECTIONS_PER_WORKER WebSockets.
+
+Read at import, so a malformed value, or one that leaves no free core, stops uWSGI at
+start-up (need-app).
+"""
+import contextlib
+import os
+
+from wsstack import http
+
+RETRY_AFTER_SECONDS = 5
+
+
+def gevent_cores():
+    """The gevent cores per worker uWSGI was started with (None outside uWSGI or gevent)."""
+    try:
+        import uwsgi
+    except ImportError:  # imported by a tool or a unit test, not by a uWSGI worker
+        return None
+    value = uwsgi.opt.get("gevent")
+    if isinstance(value, list):  # the option given more than once: the last one wins
+        value = value[-1]
+    return int(value) if value else None
+
+
+def parse_limit(raw, cores):
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"WS_MAX_CONNECTIONS_PER_WORKER must be a whole number >= 1, got {raw!r}")
+    if cores is not None and int(raw) >= cores:
+        raise ValueError(
+            f"WS_MAX_CONNECTIONS_PER_WORKER={raw} must be lower than the gevent cores per worker "
+            f"(UWSGI_GEVENT={cores}): a full worker needs free cores to answer health checks and "
+            "to refuse new connections"
+        )
+    return int(raw)
+
+
+class Capacity:
+    """Counts the WebSockets of this worker process (gevent: one thread, no lock needed)."""
+
+    def __init__(self, limit):
+        self.limit, self.open = limit, 0
+
+    @contextlib.contextmanager
+    def slot(self):
+        """Yields True holding a slot for the block, or False when the worker is full.
+
+        Taken before the handshake: the handshake can yield to other greenlets, and a check
+        made before it would let all of them through at once.
+        """
+        if self.open >= self.limit:
+            yield False
+            return
+        self.open += 1
+        try:
+            yield True
+        finally:
+            self.open -= 1
+
+    def refusal(self):
+        return http.plain(
+            "503 Service Unavailable",
+            f"WebSocket handshake refused: this worker already holds its limit of {self.limit} "
+            "connections (WS_MAX_CONNECTIONS_PER_WORKER); retry later.",
+            [("Retry-After", str(RETRY_AFTER_SECONDS))],
+        )
+
+
+WORKER = Capacity(parse_limit(os.environ.get("WS_MAX_CONNECTIONS_PER_WORKER", "900"), gevent_cores()))

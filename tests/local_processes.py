@@ -1,0 +1,90 @@
+"""Start an app or an nginx of the project's own, outside the running stack (local tests).
+
+Tests that need settings the shared stack cannot have (one worker, tiny limits, short
+timeouts) start their own processes from the same config files, on free loopback ports.
+"""
+import contextlib
+import os
+import signal
+import subprocess
+import time
+import urllib.request
+
+from repo import REPO, VENV_BIN, free_port, render_nginx
+
+
+def start_app(app, log_path, **env_overrides):
+    port = free_port()
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
+    env.update(env_overrides)
+    log = open(log_path, "w")
+    process = subprocess.Popen(
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    return process, f"http://127.0.0.1:{port}"
+
+
+def wait_healthy(process, url, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"{process.args} exited during start-up"
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.1)
+    raise AssertionError(f"{url} not healthy after {timeout}s")
+
+
+def stop(process, sig=signal.SIGTERM, timeout=15):
+    if process.poll() is None:
+        process.send_signal(sig)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def running_app(app, log_path, **env_overrides):
+    """A healthy app of its own; yields its base URL (http://127.0.0.1:PORT)."""
+    process, url = start_app(app, log_path, **env_overrides)
+    try:
+        wait_healthy(process, url)
+        yield url
+    finally:
+        stop(process)
+
+
+@contextlib.contextmanager
+def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **overrides):
+    """An nginx of its own rendered from the project's template; yields its ws:// base URL.
+
+    By default it proxies to the running local stack's apps.
+    """
+    port = free_port()
+    prefix = render_nginx(
+        tmp_path, NGINX_PORT=str(port),
+        NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or f"127.0.0.1:{os.environ.get('LOCAL_UWSGI_APP_PORT', '8001')}",
+        NGINX_FLASK_APP_UPSTREAM=flask_app_upstream or f"127.0.0.1:{os.environ.get('LOCAL_FLASK_APP_PORT', '8002')}",
+        **overrides,
+    )
+    # Its error log (stderr) goes to TMP_PATH/nginx.log, where tests can read what nginx saw.
+    with open(tmp_path / "nginx.log", "w") as log:
+        process = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 10
+        while True:  # readiness: nginx answers (its /healthz needs the apps; any answer will do)
+            try:
+                urllib.request.urlopen(url + "/index.html", timeout=1).read()
+                break
+            except OSError:
+                assert process.poll() is None and time.monotonic() < deadline, "nginx did not start"
+                time.sleep(0.1)
+        yield f"ws://127.0.0.1:{port}"
+    finally:
+        stop(process, timeout=10)
