@@ -29,7 +29,12 @@ shows each one is needed by running without it.
    default). Needs uwsgi.websocket_opcode() from the project's uWSGI patches.
 
 Beyond the fixes, the middleware applies the project's per-worker connection cap
-(wsstack.capacity: 503 at the handshake when the worker is full), as uwsgi-app does.
+(wsstack.capacity: 503 at the handshake when the worker is full), as uwsgi-app does, and
+back-pressure: the package's middleware reads every message the socket has into an
+unbounded queue before the handler runs, so a client that sends faster than its handler
+(or its own reading) keeps up fills the worker's memory. At most MAX_BUFFERED messages now
+wait in either direction; beyond that the middleware stops reading the socket, and the
+client's sends wait in TCP instead.
 """
 import asyncio
 import sys
@@ -131,6 +136,9 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         self.send(msg, binary=True)
 
 
+MAX_BUFFERED = 16  # messages waiting for the handler, or for the socket, per connection
+
+
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
     """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
 
@@ -164,13 +172,19 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         watcher = gevent.get_hub().loop.io(client.fd, 1)
         watcher.start(readable.set)
         handler = gevent.spawn(view, client, **args)
+        more_to_read = False  # uWSGI may hold whole messages already read from the socket
         try:
             while client.connected and not handler.ready():
-                gevent.wait([handler, send_event, readable], count=1, timeout=self.ping_interval)
+                if not (more_to_read and self._has_room(send_queue, recv_queue)):
+                    events = [handler, send_event]
+                    if self._has_room(send_queue, recv_queue):
+                        events.append(readable)  # full queues: the socket waits, not memory
+                    gevent.wait(events, count=1, timeout=self.ping_interval)
                 self._flush(client, send_event, send_queue)
-                # Also runs on a timeout: recv_nb is where uWSGI sends its pings.
-                readable.clear()
-                self._drain(client, recv_queue)
+                if self._has_room(send_queue, recv_queue):
+                    # Also runs on a timeout: recv_nb is where uWSGI sends its pings.
+                    readable.clear()
+                    more_to_read = self._drain(client, recv_queue, MAX_BUFFERED - recv_queue.qsize())
             self._flush(client, send_event, send_queue)
         finally:
             watcher.stop()
@@ -196,15 +210,24 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
             client.connected = False
 
     @staticmethod
-    def _drain(client, recv_queue):
+    def _has_room(send_queue, recv_queue):
+        return send_queue.qsize() < MAX_BUFFERED and recv_queue.qsize() < MAX_BUFFERED
+
+    @staticmethod
+    def _drain(client, recv_queue, at_most):
+        """Read up to `at_most` messages; True when it stopped at that limit."""
         try:
-            while client.connected:
+            for _ in range(at_most):
+                if not client.connected:
+                    return False
                 message = uwsgi.websocket_recv_nb()
                 if not message:  # b'' means "nothing more to read", never a message
-                    return
+                    return False
                 recv_queue.put(BinaryMessage(message) if _message_opcode() == BINARY else message)
+            return True
         except OSError:
             client.connected = False
+            return False
 
 
 class GeventWebSocket(WebSocketRoutesMixin, flask_uwsgi_websocket.GeventWebSocket):
