@@ -10,8 +10,11 @@ help: ## list the targets
 bootstrap: ## install nginx, redis-server, libssl-dev (apt, when missing) and .venv with uWSGI built with SSL
 	scripts/bootstrap.sh
 
-run: bootstrap ## run the stack as local processes on http://127.0.0.1:8080 (Ctrl-C stops it)
-	.venv/bin/python scripts/stack.py
+# `make run REPLICAS=2`: that many instances of each app behind nginx (local mode).
+REPLICAS ?= 1
+
+run: bootstrap ## run the stack as local processes on http://127.0.0.1:8080 (Ctrl-C stops it); REPLICAS=N
+	LOCAL_REPLICAS=$(REPLICAS) .venv/bin/python scripts/stack.py
 
 test: ## run every test against a freshly started local stack; TEST_ARGS="-k idle" narrows it
 	scripts/test.sh $(TEST_ARGS)

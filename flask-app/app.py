@@ -3,13 +3,16 @@
 Routes (nginx mounts them under /flask/):
   GET /healthz   JSON health, 200 once the app is loaded
   GET /ws/echo   WebSocket: every message comes back unchanged, in order
+  GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, README "Chat")
 """
+import gevent
 from flask import Flask, Response
 
-from uwsgi_websocket_compat import GeventWebSocket
-from wsstack import health, ratelimit
+from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
+from wsstack import chat, health, ratelimit
 
 APP_NAME = "flask-app"
+HUB = chat.Hub(health.REDIS_URL)
 
 app = Flask(__name__)
 websocket = GeventWebSocket(app)
@@ -32,3 +35,46 @@ def echo(client):
             client.close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
             return
         client.send(message)
+
+
+@websocket.route("/ws/chat")
+def chat_room(client):
+    # The package's route runs after the handshake: invalid parameters get close 1008.
+    try:
+        room, user, last_id = chat.parse_params(client.environ.get("QUERY_STRING", ""))
+    except chat.InvalidParams as exc:
+        client.close(1008, str(exc).encode())
+        return
+    session = chat.Session(HUB, room, user, last_id, via="flask")
+    forwarder = None
+    bucket = ratelimit.TokenBucket()
+    try:
+        for text in session.start():
+            client.send(text)
+        # Live messages go out from a greenlet of their own while this one reads the client.
+        forwarder = gevent.spawn(forward_live_messages, session, client)
+        while True:
+            message = client.receive()
+            if message is None:  # connection closed
+                return
+            if not bucket.allow():
+                raise chat.Close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON.decode())
+            reply = session.incoming(message, binary=isinstance(message, BinaryMessage))
+            if reply:
+                client.send(reply)
+    except chat.Close as close:
+        client.close(close.code, close.reason.encode())
+    finally:
+        if forwarder is not None:
+            forwarder.kill()
+        session.end()
+
+
+def forward_live_messages(session, client):
+    try:
+        while client.connected:
+            session.wakeup.wait()
+            for text in session.outgoing():
+                client.send(text)
+    except chat.Close as close:
+        client.close(close.code, close.reason.encode())

@@ -78,17 +78,9 @@ from gevent.queue import Queue  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
-from wsstack import capacity, http  # noqa: E402
+from wsstack import capacity, http, uwsgi_options  # noqa: E402
 
 uwsgi = flask_uwsgi_websocket.uwsgi
-
-
-def _ping_interval():
-    # The same setting uWSGI uses for its pings (option websockets-ping-freq, default 30).
-    if uwsgi is None:
-        return 30.0
-    value = uwsgi.opt.get("websockets-ping-freq", b"30")
-    return float(value.decode() if isinstance(value, bytes) else value)
 
 
 class WebSocketRoutesMixin:
@@ -143,7 +135,7 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
     """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
 
     client = GeventClient
-    ping_interval = _ping_interval()
+    ping_interval = uwsgi_options.ping_interval()
 
     def __call__(self, environ, start_response):
         try:

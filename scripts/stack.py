@@ -47,8 +47,11 @@ DEFAULTS = {
     "LOCAL_RUN_DIR": str(REPO / ".run"),
     "LOCAL_STARTUP_TIMEOUT": "60",
     "LOCAL_STOP_TIMEOUT": "20",
+    "LOCAL_REPLICAS": "1",
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
 }
+REPLICA_PORT_STEP = 100
+MAX_REPLICAS = 8
 PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -83,6 +86,12 @@ def load_settings(environ):
     for name in ("LOCAL_STARTUP_TIMEOUT", "LOCAL_STOP_TIMEOUT", "UWSGI_WEBSOCKETS_PING_FREQ"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number of seconds >= 1")
+    if not settings["LOCAL_REPLICAS"].isdigit() or not 1 <= int(settings["LOCAL_REPLICAS"]) <= MAX_REPLICAS:
+        raise ConfigError(f"LOCAL_REPLICAS={settings['LOCAL_REPLICAS']!r} must be a whole number from 1 to {MAX_REPLICAS}")
+    ports = [port for _name, port, _host in listening_ports(settings)]
+    if max(ports) > 65535 or len(set(ports)) != len(ports):
+        raise ConfigError(f"the ports of {', '.join(PORT_SETTINGS)} and of the replicas "
+                          f"(+{REPLICA_PORT_STEP} each) must all differ and stay below 65536")
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
@@ -97,9 +106,9 @@ def load_settings(environ):
 
 
 class Service:
-    def __init__(self, name, argv, env, cwd, ready, stop_signal=signal.SIGTERM):
+    def __init__(self, name, argv, env, cwd, ready, stop_signal=signal.SIGTERM, is_app=False):
         self.name, self.argv, self.env, self.cwd = name, argv, env, cwd
-        self.ready, self.stop_signal = ready, stop_signal
+        self.ready, self.stop_signal, self.is_app = ready, stop_signal, is_app
         self.process = None
 
     def start(self):
@@ -179,6 +188,11 @@ def prepare_nginx(settings, env, run_dir):
     return prefix
 
 
+def replica_ports(settings, port_setting):
+    """Replica i (from 0) of an app listens on its port + 100 * i."""
+    return [int(settings[port_setting]) + REPLICA_PORT_STEP * i for i in range(int(settings["LOCAL_REPLICAS"]))]
+
+
 def build_services(settings, instance_id):
     run_dir = Path(settings["LOCAL_RUN_DIR"]).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -191,8 +205,9 @@ def build_services(settings, instance_id):
 
     nginx_env = dict(base_env, NGINX_ENVSUBST_FILTER="^NGINX_")
     nginx_env.update({k: v for k, v in settings.items() if k.startswith("NGINX_")})
-    nginx_env["NGINX_UWSGI_APP_UPSTREAM"] = f"127.0.0.1:{settings['LOCAL_UWSGI_APP_PORT']}"
-    nginx_env["NGINX_FLASK_APP_UPSTREAM"] = f"127.0.0.1:{settings['LOCAL_FLASK_APP_PORT']}"
+    for app, port_setting in (("UWSGI_APP", "LOCAL_UWSGI_APP_PORT"), ("FLASK_APP", "LOCAL_FLASK_APP_PORT")):
+        nginx_env[f"NGINX_{app}_SERVERS"] = " ".join(
+            f"server 127.0.0.1:{port};" for port in replica_ports(settings, port_setting))
     nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
     prefix = prepare_nginx(settings, nginx_env, run_dir)
 
@@ -205,15 +220,17 @@ def build_services(settings, instance_id):
             base_env, REPO, redis_ready(redis_port),
         )
     ]
-    for name, port_setting in (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT")):
-        port = settings[port_setting]
-        services.append(
-            Service(
-                name, [str(bin_dir / "uwsgi"), "--ini", str(REPO / name / "uwsgi.ini")],
-                dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}"), REPO,
-                lambda port=port: probe.probe(f"http://127.0.0.1:{port}"),
+    for app, port_setting in (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT")):
+        for replica, port in enumerate(replica_ports(settings, port_setting), start=1):
+            services.append(
+                Service(
+                    app if replica == 1 else f"{app}-{replica}",
+                    [str(bin_dir / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")],
+                    dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}"), REPO,
+                    lambda port=port: probe.probe(f"http://127.0.0.1:{port}"),
+                    is_app=True,
+                )
             )
-        )
     url = f"http://{settings['NGINX_HOST']}:{settings['NGINX_PORT']}"
     services.append(
         Service(
@@ -273,7 +290,7 @@ class Stack:
             # The apps close their WebSockets with 1001, which reaches the clients only while
             # nginx is up; stopping nginx first would hold them until worker_shutdown_timeout
             # and then cut them off without a close frame.
-            apps = [s for s in self.services if s.name.endswith("-app")]
+            apps = [s for s in self.services if s.is_app]
             for service in apps:
                 service.begin_stop()
             for service in apps + [s for s in reversed(self.services) if s not in apps]:
@@ -282,17 +299,26 @@ class Stack:
         return status
 
 
+def listening_ports(settings):
+    """(setting it derives from, port, host) of every server the stack starts."""
+    yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
+    yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
+    for name in ("LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT"):
+        for port in replica_ports(settings, name):
+            yield name, port, "127.0.0.1"
+
+
 def check_ports_free(settings):
     """Refuse to start next to another server on our ports: a health check could pass against it."""
-    for name in PORT_SETTINGS:
-        host = settings["NGINX_HOST"] if name == "NGINX_PORT" else "127.0.0.1"
+    for name, port, host in listening_ports(settings):
         with socket.socket() as sock:
             # As the servers do: connections in TIME_WAIT from an earlier run must not count.
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
-                sock.bind((host, int(settings[name])))
+                sock.bind((host, port))
             except OSError as exc:
-                raise ConfigError(f"{name}={settings[name]} is already in use on {host} ({exc.strerror}); "
+                shown = f"{name}={settings[name]}" + (f" (replica port {port})" if port != int(settings[name]) else "")
+                raise ConfigError(f"{shown} is already in use on {host} ({exc.strerror}); "
                                   "stop what listens there or choose another port") from exc
 
 

@@ -12,6 +12,8 @@ scripts/bootstrap.sh
 export UWSGI_WEBSOCKETS_PING_FREQ=${UWSGI_WEBSOCKETS_PING_FREQ:-2}
 export NGINX_PROXY_READ_TIMEOUT=${NGINX_PROXY_READ_TIMEOUT:-5s}
 export NGINX_PORT=${NGINX_PORT:-8080}
+# Two instances of each app: chat messages must cross replicas through Redis.
+export LOCAL_REPLICAS=${LOCAL_REPLICAS:-2}
 export STACK_BASE_URL=${STACK_BASE_URL:-http://127.0.0.1:${NGINX_PORT}}
 export STACK_MODE=local
 mkdir -p .run

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import time
 import urllib.request
+from pathlib import Path
 
 from repo import REPO, VENV_BIN, free_port, render_nginx
 
@@ -50,12 +51,35 @@ def stop(process, sig=signal.SIGTERM, timeout=15):
 @contextlib.contextmanager
 def running_app(app, log_path, **env_overrides):
     """A healthy app of its own; yields its base URL (http://127.0.0.1:PORT)."""
+    with running_app_process(app, log_path, **env_overrides) as (_process, url):
+        yield url
+
+
+@contextlib.contextmanager
+def running_app_process(app, log_path, **env_overrides):
+    """running_app, yielding (uWSGI master process, base URL)."""
     process, url = start_app(app, log_path, **env_overrides)
     try:
         wait_healthy(process, url)
-        yield url
+        yield process, url
     finally:
         stop(process)
+
+
+def process_tree_cpu_seconds(pid):
+    """CPU time (user + system) of a process and its children, from /proc."""
+    total, todo = 0.0, [pid]
+    ticks = os.sysconf("SC_CLK_TCK")
+    while todo:
+        current = todo.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            children = Path(f"/proc/{current}/task/{current}/children").read_text().split()
+        except OSError:  # exited meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        todo.extend(int(child) for child in children)
+    return total
 
 
 @contextlib.contextmanager
@@ -67,8 +91,8 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     port = free_port()
     prefix = render_nginx(
         tmp_path, NGINX_PORT=str(port),
-        NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or f"127.0.0.1:{os.environ.get('LOCAL_UWSGI_APP_PORT', '8001')}",
-        NGINX_FLASK_APP_UPSTREAM=flask_app_upstream or f"127.0.0.1:{os.environ.get('LOCAL_FLASK_APP_PORT', '8002')}",
+        NGINX_UWSGI_APP_SERVERS=f"server {uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001')};",
+        NGINX_FLASK_APP_SERVERS=f"server {flask_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_FLASK_APP_PORT', '8002')};",
         **overrides,
     )
     # Its error log (stderr) goes to TMP_PATH/nginx.log, where tests can read what nginx saw.
@@ -88,3 +112,10 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
         yield f"ws://127.0.0.1:{port}"
     finally:
         stop(process, timeout=10)
+
+
+def start_app_on_port(app, log_path, port, **env_overrides):
+    """start_app on a port chosen by the caller: the same one again restarts an app behind
+    an nginx that keeps pointing at it."""
+    process, _ = start_app(app, log_path, **env_overrides, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}")
+    return process, f"http://127.0.0.1:{port}"

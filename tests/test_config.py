@@ -93,7 +93,7 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert socket_default.startswith("127.0.0.1:")
     for app in ("uwsgi-app", "flask-app"):
         assert dockerfile_env(app)["UWSGI_HTTP_SOCKET"] == "0.0.0.0:8000"
-        assert nginx_env[f"NGINX_{app.replace('-', '_').upper()}_UPSTREAM"] == f"{app}:8000"
+        assert nginx_env[f"NGINX_{app.replace('-', '_').upper()}_SERVERS"] == f"server {app}:8000;"
     assert set(ini) == {k for k in compose["x-app-environment"] if k.startswith("UWSGI_")}
     for name, value in ini.items():
         assert compose_defaults[name] == value, name

@@ -3,12 +3,16 @@
 Routes (nginx mounts them under /uwsgi/):
   GET /healthz   JSON health, 200 once the app is loaded
   GET /ws/echo   WebSocket: every message comes back unchanged, in order
+  GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, README "Chat")
 """
+import gevent
 import uwsgi
+from gevent.event import Event
 
-from wsstack import capacity, health, http, ratelimit
+from wsstack import capacity, chat, health, http, ratelimit, uwsgi_options
 
 APP_NAME = "uwsgi-app"
+HUB = chat.Hub(health.REDIS_URL)
 BINARY = 2  # RFC 6455 opcode
 # A stock uWSGI (allowed only for comparisons) cannot tell: everything is echoed as text.
 message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
@@ -49,10 +53,74 @@ def serve(bucket):
             return
 
 
+def chat_room(environ, start_response):
+    if not http.is_websocket_upgrade(environ):
+        return http.respond(start_response, http.upgrade_required())
+    refusal = http.handshake_refusal(environ)
+    if refusal:
+        return http.respond(start_response, refusal)
+    try:
+        room, user, last_id = chat.parse_params(environ.get("QUERY_STRING", ""))
+    except chat.InvalidParams as exc:
+        return http.respond(start_response, http.bad_handshake(str(exc)))
+    with capacity.WORKER.slot() as granted:
+        if not granted:
+            return http.respond(start_response, capacity.WORKER.refusal())
+        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+        session = chat.Session(HUB, room, user, last_id, via="uwsgi")
+        try:
+            converse(session)
+        finally:
+            session.end()
+        return []
+
+
+def converse(session):
+    """Relay between the client and the room until either side ends it.
+
+    uWSGI's websocket calls work only from the request's own greenlet, so this greenlet
+    waits for either a readable socket or live messages from the room's reader.
+    """
+    readable = Event()
+    watcher = gevent.get_hub().loop.io(uwsgi.connection_fd(), 1)
+    watcher.start(readable.set)
+    bucket = ratelimit.TokenBucket()
+    try:
+        for text in session.start():
+            uwsgi.websocket_send(text.encode())
+        while True:
+            gevent.wait([readable, session.wakeup], count=1, timeout=uwsgi_options.ping_interval())
+            readable.clear()
+            # Also on a timeout: recv_nb is where uWSGI sends its pings.
+            while True:
+                payload = uwsgi.websocket_recv_nb()
+                if not payload:  # b'': nothing more to read
+                    break
+                if not bucket.allow():
+                    raise chat.Close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON.decode())
+                reply = session.incoming(payload, binary=message_opcode() == BINARY)
+                if reply:
+                    uwsgi.websocket_send(reply.encode())
+            for text in session.outgoing():
+                uwsgi.websocket_send(text.encode())
+    except chat.Close as close:
+        try:
+            uwsgi.websocket_close(close.code, close.reason.encode())
+        except OSError:
+            pass
+    except OSError:  # peer closed, pong timeout or write error: the connection is over
+        pass
+    finally:
+        watcher.stop()
+        watcher.close()
+
+
 def application(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/ws/echo":
         return echo(environ, start_response)
+    if path == "/ws/chat":
+        return chat_room(environ, start_response)
     if path == "/healthz":
         return http.respond(start_response, health.report(APP_NAME))
     return http.respond(start_response, http.not_found())

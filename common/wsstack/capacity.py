@@ -17,20 +17,9 @@ import contextlib
 import os
 
 from wsstack import http
+from wsstack.uwsgi_options import gevent_cores
 
 RETRY_AFTER_SECONDS = 5
-
-
-def gevent_cores():
-    """The gevent cores per worker uWSGI was started with (None outside uWSGI or gevent)."""
-    try:
-        import uwsgi
-    except ImportError:  # imported by a tool or a unit test, not by a uWSGI worker
-        return None
-    value = uwsgi.opt.get("gevent")
-    if isinstance(value, list):  # the option given more than once: the last one wins
-        value = value[-1]
-    return int(value) if value else None
 
 
 def parse_limit(raw, cores):

@@ -20,8 +20,18 @@ def redis_status():
         return f"unavailable: {exc.__class__.__name__}"
 
 
+def master_pid():
+    """The uWSGI master: one per app instance, so it tells replicas apart."""
+    try:
+        import uwsgi
+    except ImportError:
+        return None
+    return uwsgi.masterpid()
+
+
 def report(app_name):
     """Return (http status line, headers, body bytes) for the health endpoint."""
-    body = json.dumps({"status": "ok", "app": app_name, "pid": os.getpid(), "redis": redis_status()}).encode()
+    body = json.dumps({"status": "ok", "app": app_name, "pid": os.getpid(), "master_pid": master_pid(),
+                       "redis": redis_status()}).encode()
     headers = [("Content-Type", "application/json"), ("Cache-Control", "no-store"), ("Content-Length", str(len(body)))]
     return "200 OK", headers, body

@@ -1,0 +1,192 @@
+"""The chat's Redis backplane (local mode): replicas, room readers, and a Redis outage."""
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.parse
+
+import pytest
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import connect
+
+from chat_client import BACKENDS, ChatClient, new_room
+from local_processes import process_tree_cpu_seconds, running_app_process, running_nginx
+from repo import free_port
+from stack import http_get
+
+pytestmark = pytest.mark.local
+
+REPLICAS = int(os.environ.get("LOCAL_REPLICAS", "1"))
+APP_PORTS = {"uwsgi": int(os.environ.get("LOCAL_UWSGI_APP_PORT", "8001")),
+             "flask": int(os.environ.get("LOCAL_FLASK_APP_PORT", "8002"))}
+REDIS_PORT = int(os.environ.get("LOCAL_REDIS_PORT", "6379"))
+REPLICA_PORT_STEP = 100  # scripts/stack.py
+
+
+def query(room, user, last_id=None):
+    return urllib.parse.urlencode({"room": room, "user": user, **({"last_id": last_id} if last_id else {})})
+
+
+def redis_command(port, *args):
+    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
+
+
+def room_readers(room):
+    """PIDs of the processes holding a reader connection for the room (from CLIENT LIST)."""
+    pids = []
+    for line in redis_command(REDIS_PORT, "CLIENT", "LIST").splitlines():
+        fields = dict(item.split("=", 1) for item in line.split() if "=" in item)
+        name = fields.get("name", "")
+        if name.startswith(f"chat-reader:{room}:pid-"):
+            pids.append(int(name.rsplit("-", 1)[1]))
+    return pids
+
+
+needs_replicas = pytest.mark.skipif(REPLICAS < 2, reason="the stack runs one instance per app (LOCAL_REPLICAS)")
+
+
+@needs_replicas
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nginx_balances_across_the_replicas(backend):
+    # least_conn among idle replicas takes turns: a few requests reach every instance.
+    masters = {json.loads(http_get(f"/{backend}/healthz").body)["master_pid"] for _ in range(4 * REPLICAS)}
+    assert len(masters) == REPLICAS
+
+
+@needs_replicas
+def test_a_message_reaches_every_replica_exactly_once_in_the_same_order():
+    room = new_room()
+    # Straight to every replica of both apps, so each one surely has a client.
+    urls = [f"ws://127.0.0.1:{APP_PORTS[backend] + REPLICA_PORT_STEP * i}/ws/chat?{query(room, f'{backend}{i}')}"
+            for backend in BACKENDS for i in range(REPLICAS)]
+    clients = [ChatClient(None, room, f"client{n}", url=url) for n, url in enumerate(urls)]
+    try:
+        for client in clients:
+            client.say(f"from {client.user}")
+        orders = [[m["id"] for m in client.messages(len(clients))] for client in clients]
+        assert all(order == orders[0] for order in orders)
+        assert len(set(orders[0])) == len(clients)
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_each_process_holds_one_reader_per_room_and_drops_it_when_the_room_empties():
+    room = new_room()
+    clients = [ChatClient(backend, room, f"{backend}{i}") for backend in BACKENDS for i in range(6)]
+    try:
+        clients[0].say("wake every reader")
+        for client in clients:  # every process with a client has now delivered through its reader
+            assert client.messages(1)[0]["text"] == "wake every reader"
+        readers = room_readers(room)
+        assert readers and len(readers) == len(set(readers))  # at most one per process
+        assert len(readers) < len(clients)  # shared by the connections of a process
+    finally:
+        for client in clients:
+            client.close()
+    deadline = time.monotonic() + 15  # a reader notices an empty room after its 5 s XREAD
+    while room_readers(room):
+        assert time.monotonic() < deadline, f"readers of {room} outlived their clients"
+        time.sleep(0.2)
+
+
+class OwnRedis:
+    """A redis-server of the test's own, persisting every write (appendfsync always), so a
+    restart keeps what it stored, as a production Redis with persistence would."""
+
+    def __init__(self, directory):
+        self.port, self.directory, self.process = free_port(), directory, None
+
+    def start(self):
+        self.process = subprocess.Popen(
+            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while "PONG" not in redis_command(self.port, "PING"):
+            assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.1)
+
+    def stop(self):
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=10)
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}/0"
+
+
+def expect_close(client, code):
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:  # messages already on their way may come first
+            client.next_event(timeout=15)
+    assert closed.value.rcvd is not None, "closed without a close frame"
+    assert closed.value.rcvd.code == code
+    return closed.value.rcvd.reason
+
+
+def test_a_redis_outage_closes_chats_with_1013_keeps_echo_and_chat_resumes_after(tmp_path):
+    redis = OwnRedis(tmp_path)
+    redis.start()
+    apps = {}
+    try:
+        with running_app_process("uwsgi-app", tmp_path / "uwsgi.log", REDIS_URL=redis.url) as (uwsgi_proc, uwsgi_url), \
+                running_app_process("flask-app", tmp_path / "flask.log", REDIS_URL=redis.url) as (flask_proc, flask_url):
+            apps = {"uwsgi": uwsgi_proc, "flask": flask_proc}
+            with running_nginx(tmp_path, uwsgi_app_upstream=uwsgi_url.removeprefix("http://"),
+                               flask_app_upstream=flask_url.removeprefix("http://")) as base:
+                room = new_room()
+
+                def chat(backend, user, last_id=None):
+                    return ChatClient(backend, room, user, url=f"{base}/{backend}/ws/chat?{query(room, user, last_id)}")
+
+                a, b = chat("uwsgi", "a"), chat("flask", "b")
+                b.say("stored before the outage 1")
+                seen = a.messages(1)[0]
+                b.say("stored before the outage 2")  # stored, but `a` never reads it
+                assert b.messages(2)[1]["text"] == "stored before the outage 2"
+
+                redis.stop()
+                for client in (a, b):
+                    assert "chat backplane unavailable" in expect_close(client, 1013)
+                for backend in BACKENDS:  # echo does not need Redis
+                    with connect(f"{base}/{backend}/ws/echo", ping_interval=None) as echo:
+                        echo.send("echo still works")
+                        assert echo.recv(timeout=5) == "echo still works"
+                # Clients keep trying; each attempt is refused at once, and the apps do not spin.
+                cpu_before = {name: process_tree_cpu_seconds(p.pid) for name, p in apps.items()}
+                started = time.monotonic()
+                for _ in range(5):
+                    for backend in BACKENDS:
+                        with pytest.raises(ConnectionClosed) as refused:
+                            chat(backend, "retrying")
+                        assert refused.value.rcvd.code == 1013
+                time.sleep(max(0.0, 3 - (time.monotonic() - started)))  # an idle stretch to measure
+                for name, process in apps.items():
+                    assert process.poll() is None, f"{name} died during the outage"
+                    used = process_tree_cpu_seconds(process.pid) - cpu_before[name]
+                    assert used < 1.0, f"{name} used {used:.2f} s of CPU in 3 s with Redis down"
+
+                redis.start()
+                # Back with the id it last saw, on the other backend: what Redis stored meanwhile
+                # arrives, nothing twice, and the room is live again.
+                back = chat("flask", "a", last_id=seen["id"])
+                assert [m["text"] for m in back.history] == ["stored before the outage 2"]
+                other = chat("uwsgi", "b")
+                other.say("after the outage")
+                assert back.messages(1)[0]["text"] == "after the outage"
+                back.close()
+                other.close()
+    finally:
+        if redis.process.poll() is None:
+            redis.stop()
+
+
+def test_the_health_check_reports_redis_and_the_instance():
+    # The apps stay healthy without Redis (echo works), but say how Redis is.
+    for backend in BACKENDS:
+        health = json.loads(http_get(f"/{backend}/healthz").body)
+        assert health["redis"] == "ok"
+        assert isinstance(health["master_pid"], int)
