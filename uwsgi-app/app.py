@@ -18,21 +18,27 @@ BINARY = 2  # RFC 6455 opcode
 message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
 
 
-def echo(environ, start_response):
+def accept(environ, start_response, on_open, refusal=None):
+    """The WebSocket handshake both routes share: refuse with an HTTP answer, or upgrade the
+    connection and run `on_open()` on it until the conversation ends."""
     if not http.is_websocket_upgrade(environ):
         return http.respond(start_response, http.upgrade_required())
-    refusal = http.handshake_refusal(environ)
+    refusal = http.handshake_refusal(environ) or refusal
     if refusal:
         return http.respond(start_response, refusal)
     with capacity.WORKER.slot() as granted:
         if not granted:
             return http.respond(start_response, capacity.WORKER.refusal())
         uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-        serve(ratelimit.TokenBucket())
+        on_open()
         return []
 
 
-def serve(bucket):
+def echo(environ, start_response):
+    return accept(environ, start_response, lambda: echo_messages(ratelimit.TokenBucket()))
+
+
+def echo_messages(bucket):
     while True:
         try:
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
@@ -54,25 +60,19 @@ def serve(bucket):
 
 
 def chat_room(environ, start_response):
-    if not http.is_websocket_upgrade(environ):
-        return http.respond(start_response, http.upgrade_required())
-    refusal = http.handshake_refusal(environ)
-    if refusal:
-        return http.respond(start_response, refusal)
     try:
-        room, user, last_id = chat.parse_params(environ.get("QUERY_STRING", ""))
+        params = chat.parse_params(environ.get("QUERY_STRING", ""))
     except chat.InvalidParams as exc:
-        return http.respond(start_response, http.bad_handshake(str(exc)))
-    with capacity.WORKER.slot() as granted:
-        if not granted:
-            return http.respond(start_response, capacity.WORKER.refusal())
-        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-        session = chat.Session(HUB, room, user, last_id, via="uwsgi")
+        return accept(environ, start_response, None, refusal=http.bad_handshake(str(exc)))
+
+    def talk():
+        session = chat.Session(HUB, *params, via="uwsgi")
         try:
             converse(session)
         finally:
             session.end()
-        return []
+
+    return accept(environ, start_response, talk)
 
 
 def converse(session):
