@@ -24,6 +24,12 @@ command -v patch >/dev/null || apt_packages+=(patch)
 "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
     2>/dev/null || apt_packages+=(python3-dev)
+# --- browser tests (tests/test_browser.py) -------------------------------------------------
+# Debian's Chromium, driven by Playwright (tests/requirements-browser.txt, installed with the
+# other requirements below). Playwright's own browser download is unreachable here: never
+# `playwright install`; the tests launch /usr/bin/chromium.
+[ -x /usr/bin/chromium ] || apt_packages+=(chromium)
+# --- end of browser tests ------------------------------------------------------------------
 if [ ${#apt_packages[@]} -gt 0 ]; then
     echo "bootstrap: installing Debian packages: ${apt_packages[*]}"
     sudo=""
@@ -38,7 +44,7 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
-requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt)
+requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt tests/requirements-browser.txt)
 stamp="$VENV/.requirements.sha256"
 wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then

@@ -149,7 +149,10 @@ def test_binary_frames_close_with_1003_and_others_are_unaffected(backend):
                          ids=["invalid-utf8-1007", "too-big-1009"])
 def test_malformed_or_oversized_frames_close_with_the_rfc_code(backend, payload, code):
     with RawWebSocket(chat_url(backend, new_room(), "rude")) as ws:
-        ws.send(TEXT, payload)
+        try:
+            ws.send(TEXT, payload)
+        except OSError:  # the size is refused from the frame header, before the rest is read
+            pass
         frame = ws.expect_close(timeout=10)
         assert frame is not None and frame.close_code == code
 

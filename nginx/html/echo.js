@@ -4,14 +4,15 @@
 
 (function () {
   const form = document.getElementById("echo-form");
-  const input = document.getElementById("message");
-  const sendButton = document.getElementById("send");
-  const state = document.getElementById("state");
-  const log = document.getElementById("log");
+  const input = document.getElementById("echo-input");
+  const sendButton = document.getElementById("echo-send");
+  const state = document.getElementById("echo-state");
+  const log = document.getElementById("echo-log");
+  const radios = document.querySelectorAll('input[name="backend"]');
   let socket = null;
 
   function backend() {
-    return form.elements.backend.value;
+    return document.querySelector('input[name="backend"]:checked').value;
   }
 
   function echoUrl(name) {
@@ -54,6 +55,6 @@
     addLine("sent", `${backend()} → ${input.value}`);
     input.value = "";
   });
-  form.elements.backend.forEach((radio) => radio.addEventListener("change", connect));
+  radios.forEach((radio) => radio.addEventListener("change", connect));
   connect();
 })();
