@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance bench wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ test-compose: ## without Docker: build the images and run the compose stack with
 
 conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
 	scripts/conformance.sh
+
+bench: bootstrap ## benchmark against the README's targets P1-P5 (about 10 min); BENCH_ARGS="--quick" or see --help
+	.venv/bin/python bench/bench.py $(BENCH_ARGS)
 
 wheelhouse: bootstrap ## download every pinned Python package into wheelhouse/ (for offline image builds)
 	.venv/bin/pip download -q --disable-pip-version-check -d wheelhouse \

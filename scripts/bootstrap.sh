@@ -44,7 +44,8 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
-requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt tests/requirements-browser.txt)
+requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt tests/requirements-browser.txt
+              bench/requirements.txt)
 stamp="$VENV/.requirements.sha256"
 wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then

@@ -1,0 +1,75 @@
+"""`make bench --quick`: the benchmark runs end to end and writes well-formed results (local mode).
+
+No timing is asserted here: the numbers belong to `make bench`, on a quiet machine.
+"""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from repo import REPO
+
+pytestmark = pytest.mark.local
+
+TARGETS = {"uwsgi-app direct", "uwsgi-app via nginx", "flask-app direct", "flask-app via nginx",
+           "reference direct", "reference via nginx"}
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_every_workload_reports_for_every_target(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    settings = results["settings"]
+    cells = {(c, s) for c in settings["connections"] for s in settings["sizes"]}
+    assert {(r["target"], r["connections"], r["size"]) for r in results["echo"]} == {
+        (t, c, s) for t in TARGETS for c, s in cells}
+    for row in results["echo"]:
+        assert row["messages_per_second"] > 0 and row["min"] <= row["messages_per_second"] <= row["max"]
+        assert 0 < row["p50_us"] <= row["p99_us"] <= row["p999_us"]
+        assert row["dropped"] == 0
+    idle = results["idle"]
+    assert idle["connections"] == settings["idle"] and idle["dropped"] == 0
+    assert set(idle["processes"]) == {"nginx", "uwsgi-app", "flask-app", "redis"}
+    assert all(p["rss_bytes_held"] > 0 for p in idle["processes"].values())
+    assert [s["connections"] for s in idle["steps"]][-1] == settings["idle"]
+    fanout = results["fanout"]
+    assert fanout["subscribers_ready"] == settings["fanout"]
+    assert fanout["deliveries"] == fanout["expected"] == settings["fanout"] * settings["fanout_messages"]
+    assert all(r["handshakes_per_second"] > 0 and r["failed"] == 0 for r in results["handshakes"].values())
+    assert {"python", "cpus", "nginx", "uwsgi", "redis", "picows"} <= set(results["versions"])
+
+
+def test_the_targets_are_computed_and_reported(quick_run):
+    out, stdout = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert [t["id"] for t in results["targets"]] == ["P1", "P2", "P3", "P4a", "P4b", "P4c", "P5"]
+    for target in results["targets"]:
+        assert isinstance(target["measured"], (int, float)) and target["met"] in (True, False)
+    markdown = (out / "results.md").read_text()
+    assert markdown in stdout  # printed as well as written
+    for target in results["targets"]:
+        assert f"| {target['id']} |" in markdown
+
+
+@pytest.mark.parametrize("plot", ["throughput.png", "latency.png", "memory.png"])
+def test_plots_are_written(quick_run, plot):
+    out, _ = quick_run
+    data = (out / plot).read_bytes()
+    assert data.startswith(PNG_MAGIC) and len(data) > 5000
+
+
+def test_the_benchmark_refuses_more_idle_connections_than_one_process_can_open():
+    result = subprocess.run([sys.executable, str(REPO / "bench" / "bench.py"), "--idle", "30000"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "would exceed the 20000 open files" in result.stderr
