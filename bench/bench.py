@@ -36,11 +36,12 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO / "common")]
+sys.path[:0] = [str(HERE), str(REPO / "common"), str(REPO / "scripts")]
 
 import loadgen  # noqa: E402
 import procstats  # noqa: E402
 import report  # noqa: E402
+import stack as stack_runner  # noqa: E402  (scripts/stack.py: make run's runner)
 
 # Lifted for the benchmark only: the defaults would (rightly) refuse its load.
 STACK_SETTINGS = {
@@ -115,18 +116,14 @@ class Stack:
                                      stdout=subprocess.PIPE, text=True)
         self.processes.append(reference)
         reference.stdout.readline()  # "listening": it is ready
-        prefix = self.run_dir / "reference-nginx"
-        prefix.mkdir(parents=True)
-        (prefix / "nginx.conf").symlink_to(REPO / "nginx" / "nginx.conf")
-        (prefix / "mime.types").symlink_to("/etc/nginx/mime.types")
         upstream = f"server 127.0.0.1:{self.ports['reference']};"
         env = {k: v for k, v in self.stack_env.items() if not k.startswith("NGINX_")}
         env.update({k: v for k, v in self.stack_env.items() if k.startswith("NGINX_WS_")})
         env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(self.ports["reference_nginx"]),
                    NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_SERVERS=upstream,
                    NGINX_FLASK_APP_SERVERS=upstream, NGINX_HTML_ROOT=str(REPO / "nginx" / "html"))
-        subprocess.run([str(REPO / "scripts" / "render-nginx-templates.sh"), str(REPO / "nginx" / "templates"),
-                        str(prefix / "conf.d")], env=env, check=True)
+        # The same prefix layout and template rendering as make run's nginx.
+        prefix = stack_runner.prepare_nginx(env, self.run_dir / "reference")
         nginx = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
                                  stdout=subprocess.DEVNULL, stderr=open(self.run_dir / "reference-nginx.log", "w"))
         self.processes.append(nginx)

@@ -175,7 +175,7 @@ def nginx_ready(url):
     return check
 
 
-def prepare_nginx(settings, env, run_dir):
+def prepare_nginx(env, run_dir):
     """The nginx prefix: links to the repo's nginx.conf and the system mime.types, plus conf.d rendered from templates."""
     prefix = run_dir / "nginx"
     if prefix.exists():
@@ -211,7 +211,7 @@ def build_services(settings, instance_id):
         nginx_env[f"NGINX_{app}_SERVERS"] = " ".join(
             f"server 127.0.0.1:{port};" for port in replica_ports(settings, port_setting))
     nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
-    prefix = prepare_nginx(settings, nginx_env, run_dir)
+    prefix = prepare_nginx(nginx_env, run_dir)
 
     redis_dir = run_dir / "redis"
     redis_dir.mkdir(exist_ok=True)
