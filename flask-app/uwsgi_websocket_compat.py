@@ -147,12 +147,8 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         refusal = http.handshake_refusal(environ)
         if refusal:
             return http.respond(start_response, refusal)
-        with capacity.WORKER.slot() as granted:
-            if not granted:
-                return http.respond(start_response, capacity.WORKER.refusal())
-            uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-            self.serve(self.websocket.view_functions[endpoint], args, environ)
-            return []
+        return capacity.upgrade(environ, start_response,
+                                lambda: self.serve(self.websocket.view_functions[endpoint], args, environ))
 
     def serve(self, view, args, environ):
         # uWSGI's websocket calls only work from the request's own greenlet (the gevent

@@ -26,12 +26,7 @@ def accept(environ, start_response, on_open, refusal=None):
     refusal = http.handshake_refusal(environ) or refusal
     if refusal:
         return http.respond(start_response, refusal)
-    with capacity.WORKER.slot() as granted:
-        if not granted:
-            return http.respond(start_response, capacity.WORKER.refusal())
-        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-        on_open()
-        return []
+    return capacity.upgrade(environ, start_response, on_open)
 
 
 def echo(environ, start_response):

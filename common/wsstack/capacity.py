@@ -66,3 +66,17 @@ class Capacity:
 
 
 WORKER = Capacity(parse_limit(os.environ.get("WS_MAX_CONNECTIONS_PER_WORKER", "900"), gevent_cores()))
+
+
+def upgrade(environ, start_response, on_open):
+    """Take a slot of this worker, complete the WebSocket handshake and run `on_open()` until
+    the conversation ends; a full worker answers 503 instead. Both apps' handshakes end here,
+    after their own checks of the request."""
+    import uwsgi  # only ever called inside a uWSGI worker
+
+    with WORKER.slot() as granted:
+        if not granted:
+            return http.respond(start_response, WORKER.refusal())
+        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+        on_open()
+        return []
