@@ -96,10 +96,6 @@ class WebSocketRoutesMixin:
         self.view_functions[endpoint] = view_func
 
 
-BINARY = 2  # RFC 6455 opcode
-# A stock uWSGI cannot tell: every message is then text.
-_message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
-
 
 class BinaryMessage(bytes):
     """Fix 5: a message that arrived in binary frames."""
@@ -211,7 +207,7 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                 message = uwsgi.websocket_recv_nb()
                 if not message:  # b'' means "nothing more to read", never a message
                     return False
-                recv_queue.put(BinaryMessage(message) if _message_opcode() == BINARY else message)
+                recv_queue.put(BinaryMessage(message) if uwsgi_options.last_message_is_binary() else message)
             return True
         except OSError:
             client.connected = False

@@ -13,9 +13,6 @@ from wsstack import capacity, chat, health, http, ratelimit, uwsgi_options
 
 APP_NAME = "uwsgi-app"
 HUB = chat.Hub(health.REDIS_URL)
-BINARY = 2  # RFC 6455 opcode
-# A stock uWSGI (allowed only for comparisons) cannot tell: everything is echoed as text.
-message_opcode = getattr(uwsgi, "websocket_opcode", lambda: 1)
 
 
 def accept(environ, start_response, on_open, refusal=None):
@@ -46,7 +43,7 @@ def echo_messages(bucket):
             # A send to a reader that stopped reading waits at most socket-timeout seconds
             # (UWSGI_SOCKET_TIMEOUT), then fails and ends the connection; meanwhile only this
             # greenlet waits.
-            if message_opcode() == BINARY:
+            if uwsgi_options.last_message_is_binary():
                 uwsgi.websocket_send_binary(message)
             else:
                 uwsgi.websocket_send(message)
@@ -93,7 +90,7 @@ def converse(session):
                     break
                 if not bucket.allow():
                     raise chat.Close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON.decode())
-                reply = session.incoming(payload, binary=message_opcode() == BINARY)
+                reply = session.incoming(payload, binary=uwsgi_options.last_message_is_binary())
                 if reply:
                     uwsgi.websocket_send(reply.encode())
             for text in session.outgoing():

@@ -2,6 +2,7 @@
 
 Outside uWSGI (tools, unit tests) there is no `uwsgi` module: every option is then unset.
 """
+BINARY = 2  # RFC 6455 opcode
 
 
 def option(name):
@@ -19,6 +20,15 @@ def ping_interval():
     """Seconds between uWSGI's pings (websockets-ping-freq; uWSGI's default is 30)."""
     value = option("websockets-ping-freq")
     return float(value) if value else 30.0
+
+
+def last_message_is_binary():
+    """Whether the message just received came in binary frames (uwsgi.websocket_opcode() from
+    the project's patch 0004; a stock uWSGI cannot tell, and everything counts as text)."""
+    import uwsgi
+
+    opcode = getattr(uwsgi, "websocket_opcode", None)
+    return opcode is not None and opcode() == BINARY
 
 
 def gevent_cores():
