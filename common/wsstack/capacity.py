@@ -17,21 +17,21 @@ import contextlib
 import os
 
 from wsstack import http
+from wsstack.settings import whole_number
 from wsstack.uwsgi_options import gevent_cores
 
 RETRY_AFTER_SECONDS = 5
 
 
 def parse_limit(raw, cores):
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"WS_MAX_CONNECTIONS_PER_WORKER must be a whole number >= 1, got {raw!r}")
-    if cores is not None and int(raw) >= cores:
+    limit = whole_number("WS_MAX_CONNECTIONS_PER_WORKER", raw, 1)
+    if cores is not None and limit >= cores:
         raise ValueError(
             f"WS_MAX_CONNECTIONS_PER_WORKER={raw} must be lower than the gevent cores per worker "
             f"(UWSGI_GEVENT={cores}): a full worker needs free cores to answer health checks and "
             "to refuse new connections"
         )
-    return int(raw)
+    return limit
 
 
 class Capacity:

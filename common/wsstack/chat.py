@@ -25,6 +25,8 @@ import gevent
 import redis
 from gevent.event import Event
 
+from wsstack.settings import env_whole_number
+
 ROOM = re.compile(r"[A-Za-z0-9_-]{1,64}")
 STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
 MAX_USER = 32
@@ -34,15 +36,8 @@ RANGE_PAGE = 500
 BACKLOG = 1000  # live messages waiting for one slow connection before it is closed
 
 
-def _whole_number(name, default, minimum):
-    raw = os.environ.get(name, default)
-    if not raw.isdigit() or int(raw) < minimum:
-        raise ValueError(f"{name} must be a whole number >= {minimum}, got {raw!r}")
-    return int(raw)
-
-
-HISTORY = _whole_number("CHAT_HISTORY", "50", 0)
-STREAM_MAXLEN = _whole_number("CHAT_STREAM_MAXLEN", "1000", 1)
+HISTORY = env_whole_number("CHAT_HISTORY", "50", minimum=0)
+STREAM_MAXLEN = env_whole_number("CHAT_STREAM_MAXLEN", "1000")
 
 
 class InvalidParams(ValueError):

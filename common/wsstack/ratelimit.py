@@ -5,22 +5,16 @@ WS_MESSAGE_BURST             messages it may send at once above that rate (defau
 Beyond them the app closes the connection with 1008 (policy violation). Both are read at
 import, so a malformed value stops uWSGI at start-up (need-app).
 """
-import os
 import time
+
+from wsstack.settings import env_whole_number
 
 CLOSE_CODE = 1008
 CLOSE_REASON = b"message rate limit exceeded"
 
 
-def _positive_int(name, default):
-    raw = os.environ.get(name, default)
-    if not raw.isdigit() or int(raw) < 1:
-        raise ValueError(f"{name} must be a whole number >= 1, got {raw!r}")
-    return int(raw)
-
-
-MAX_MESSAGES_PER_SECOND = _positive_int("WS_MAX_MESSAGES_PER_SECOND", "100")
-MESSAGE_BURST = _positive_int("WS_MESSAGE_BURST", "200")
+MAX_MESSAGES_PER_SECOND = env_whole_number("WS_MAX_MESSAGES_PER_SECOND", "100")
+MESSAGE_BURST = env_whole_number("WS_MESSAGE_BURST", "200")
 
 
 class TokenBucket:
