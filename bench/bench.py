@@ -82,14 +82,14 @@ class Stack:
         self.processes = []
 
     def __enter__(self):
-        self.ports = {name: free_port() for name in ("nginx", "uwsgi", "flask", "redis", "reference", "reference_nginx")}
+        self.ports = {name: free_port() for name in ("nginx", "uwsgi", "flask", "redis", "dns", "reference", "reference_nginx")}
         per_app = self.settings["idle"] // 2
         # Room for every idle connection on one worker (uWSGI does not balance accepts evenly),
         # and the cap must stay below the gevent cores (wsstack.capacity).
         cores = max(1000, per_app + 200)
         env = dict(os.environ, **STACK_SETTINGS, NGINX_PORT=str(self.ports["nginx"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
-                   LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
+                   LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
                    UWSGI_PROCESSES=str(PER_APP_WORKERS), UWSGI_GEVENT=str(cores),
                    WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100))
         self.stack_env = env
@@ -116,12 +116,13 @@ class Stack:
                                      stdout=subprocess.PIPE, text=True)
         self.processes.append(reference)
         reference.stdout.readline()  # "listening": it is ready
-        upstream = f"server 127.0.0.1:{self.ports['reference']};"
+        upstream = f"127.0.0.1:{self.ports['reference']}"
         env = {k: v for k, v in self.stack_env.items() if not k.startswith("NGINX_")}
         env.update({k: v for k, v in self.stack_env.items() if k.startswith("NGINX_WS_")})
         env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(self.ports["reference_nginx"]),
-                   NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_SERVERS=upstream,
-                   NGINX_FLASK_APP_SERVERS=upstream, NGINX_HTML_ROOT=str(REPO / "nginx" / "html"))
+                   NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=upstream,
+                   NGINX_FLASK_APP_UPSTREAM=upstream, NGINX_RESOLVER=f"127.0.0.1:{self.ports['dns']}",
+                   NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"))
         # The same prefix layout and template rendering as make run's nginx.
         prefix = stack_runner.prepare_nginx(env, self.run_dir / "reference")
         nginx = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],

@@ -16,6 +16,9 @@ apt_packages=()
 command -v nginx >/dev/null || apt_packages+=(nginx)
 command -v redis-server >/dev/null || apt_packages+=(redis-server)
 command -v envsubst >/dev/null || apt_packages+=(gettext-base)
+# make run's DNS server for the service names (scripts/localdns.py); dnsmasq-base is the bare
+# program, without a system service.
+command -v dnsmasq >/dev/null || [ -x /usr/sbin/dnsmasq ] || apt_packages+=(dnsmasq-base)
 dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 command -v gcc >/dev/null || apt_packages+=(gcc)
 dpkg -s libc6-dev >/dev/null 2>&1 || apt_packages+=(libc6-dev)

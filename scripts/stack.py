@@ -1,12 +1,12 @@
 """Run the whole stack as local processes: `make run` (foreground) without Docker.
 
-Starts redis-server, uwsgi-app, flask-app and nginx from the same config files the
-containers use (uwsgi-app/uwsgi.ini, flask-app/uwsgi.ini, nginx/nginx.conf and
+Starts a DNS server for the service names (scripts/localdns.py), redis-server, uwsgi-app,
+flask-app and nginx from the same config files the containers use (uwsgi-app/uwsgi.ini, flask-app/uwsgi.ini, nginx/nginx.conf and
 nginx/templates/*.template rendered the same way), waits until each passes its health
 check, and relays their output prefixed with the service name. SIGINT or SIGTERM stops
 them gracefully, then forcibly after a grace period: both apps first, together, while nginx
 still relays the close 1001 they send to every WebSocket client, then nginx, then redis;
-nothing is left running. If a service dies, the rest are stopped and the exit status
+then the DNS server; nothing is left running. If a service dies, the rest are stopped and the exit status
 is non-zero.
 
 Every child carries STACK_INSTANCE_ID in its environment, so a test can prove that no
@@ -31,6 +31,9 @@ sys.path.insert(0, str(REPO / "common"))
 
 from wsstack import probe  # noqa: E402
 
+sys.path.insert(0, str(REPO / "scripts"))
+import localdns  # noqa: E402
+
 # Local-mode defaults. The container defaults live in the Dockerfiles and docker-compose.yml;
 # tests/test_config.py keeps the shared ones equal.
 DEFAULTS = {
@@ -41,18 +44,20 @@ DEFAULTS = {
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
+    "NGINX_RESOLVER_VALID": "5s",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
+    "LOCAL_DNS_PORT": "8053",
     "LOCAL_RUN_DIR": str(REPO / ".run"),
     "LOCAL_STARTUP_TIMEOUT": "60",
     "LOCAL_STOP_TIMEOUT": "20",
     "LOCAL_REPLICAS": "1",
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
 }
-REPLICA_PORT_STEP = 100
 MAX_REPLICAS = 8
-PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
+PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT", "LOCAL_DNS_PORT")
+APPS = (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT"))
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -74,7 +79,7 @@ def load_settings(environ):
     for name in PORT_SETTINGS:
         value = settings[name]
         if not value.isdigit() or not 0 < int(value) < 65536:
-            raise ConfigError(f"{name}={value!r} is not a TCP port")
+            raise ConfigError(f"{name}={value!r} is not a port number (1-65535)")
     if len({settings[name] for name in PORT_SETTINGS}) != len(PORT_SETTINGS):
         raise ConfigError(f"{', '.join(PORT_SETTINGS)} must all differ")
     try:
@@ -88,16 +93,14 @@ def load_settings(environ):
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number of seconds >= 1")
     if not settings["LOCAL_REPLICAS"].isdigit() or not 1 <= int(settings["LOCAL_REPLICAS"]) <= MAX_REPLICAS:
         raise ConfigError(f"LOCAL_REPLICAS={settings['LOCAL_REPLICAS']!r} must be a whole number from 1 to {MAX_REPLICAS}")
-    ports = [port for _name, port, _host in listening_ports(settings)]
-    if max(ports) > 65535 or len(set(ports)) != len(ports):
-        raise ConfigError(f"the ports of {', '.join(PORT_SETTINGS)} and of the replicas "
-                          f"(+{REPLICA_PORT_STEP} each) must all differ and stay below 65536")
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn
         raise ConfigError(f"NGINX_WS_CONNECTIONS_PER_IP={settings['NGINX_WS_CONNECTIONS_PER_IP']} must be at most 65535")
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
+    if nginx_seconds("NGINX_RESOLVER_VALID", settings["NGINX_RESOLVER_VALID"]) < 1:
+        raise ConfigError("NGINX_RESOLVER_VALID must be at least 1s")
     read_timeout = nginx_seconds("NGINX_PROXY_READ_TIMEOUT", settings["NGINX_PROXY_READ_TIMEOUT"])
     if read_timeout <= int(settings["UWSGI_WEBSOCKETS_PING_FREQ"]):
         raise ConfigError(
@@ -190,9 +193,24 @@ def prepare_nginx(env, run_dir):
     return prefix
 
 
-def replica_ports(settings, port_setting):
-    """Replica i (from 0) of an app listens on its port + 100 * i."""
-    return [int(settings[port_setting]) + REPLICA_PORT_STEP * i for i in range(int(settings["LOCAL_REPLICAS"]))]
+def replica_addresses(settings, port_setting):
+    """Replica r (from 1) of an app listens on 127.0.0.r, on the app's port: as in compose, a
+    service name stands for several addresses, one port."""
+    return [(f"127.0.0.{replica}", int(settings[port_setting])) for replica in range(1, int(settings["LOCAL_REPLICAS"]) + 1)]
+
+
+def dns_records(settings):
+    return {app: [host for host, _port in replica_addresses(settings, port_setting)] for app, port_setting in APPS}
+
+
+def dns_ready(settings):
+    def check():
+        for name, addresses in dns_records(settings).items():
+            answer = localdns.query_a(name, int(settings["LOCAL_DNS_PORT"]))
+            if sorted(answer) != sorted(addresses):
+                raise RuntimeError(f"the DNS server answers {answer} for {name}, not {addresses}")
+
+    return check
 
 
 def build_services(settings, instance_id):
@@ -205,31 +223,40 @@ def build_services(settings, instance_id):
     redis_port = int(settings["LOCAL_REDIS_PORT"])
     base_env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
 
+    dns_port = int(settings["LOCAL_DNS_PORT"])
     nginx_env = dict(base_env, NGINX_ENVSUBST_FILTER="^NGINX_")
     nginx_env.update({k: v for k, v in settings.items() if k.startswith("NGINX_")})
-    for app, port_setting in (("UWSGI_APP", "LOCAL_UWSGI_APP_PORT"), ("FLASK_APP", "LOCAL_FLASK_APP_PORT")):
-        nginx_env[f"NGINX_{app}_SERVERS"] = " ".join(
-            f"server 127.0.0.1:{port};" for port in replica_ports(settings, port_setting))
+    # Service names, as in compose: nginx asks our DNS server for them at request time.
+    nginx_env["NGINX_RESOLVER"] = f"127.0.0.1:{dns_port}"
+    for app, port_setting in APPS:
+        nginx_env[f"NGINX_{app.replace('-', '_').upper()}_UPSTREAM"] = f"{app}:{settings[port_setting]}"
     nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
     prefix = prepare_nginx(nginx_env, run_dir)
 
+    hosts_file = run_dir / "dns-hosts"
+    localdns.write_hosts(hosts_file, dns_records(settings))
     redis_dir = run_dir / "redis"
     redis_dir.mkdir(exist_ok=True)
     services = [
+        Service(
+            # Records live as long as nginx's cache of them: answers carry NGINX_RESOLVER_VALID as TTL.
+            "dns", localdns.dnsmasq_argv(hosts_file, dns_port, int(nginx_seconds("", settings["NGINX_RESOLVER_VALID"]))),
+            base_env, REPO, dns_ready(settings),
+        ),
         Service(
             "redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
                       "--appendonly", "no", "--dir", str(redis_dir)],
             base_env, REPO, redis_ready(redis_port),
         )
     ]
-    for app, port_setting in (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT")):
-        for replica, port in enumerate(replica_ports(settings, port_setting), start=1):
+    for app, port_setting in APPS:
+        for replica, (host, port) in enumerate(replica_addresses(settings, port_setting), start=1):
             services.append(
                 Service(
                     app if replica == 1 else f"{app}-{replica}",
                     [str(bin_dir / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")],
-                    dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}"), REPO,
-                    lambda port=port: probe.probe(f"http://127.0.0.1:{port}"),
+                    dict(base_env, UWSGI_HTTP_SOCKET=f"{host}:{port}"), REPO,
+                    lambda host=host, port=port: probe.probe(f"http://{host}:{port}"),
                     is_app=True,
                 )
             )
@@ -305,29 +332,31 @@ def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
-    for name in ("LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT"):
-        for port in replica_ports(settings, name):
-            yield name, port, "127.0.0.1"
+    yield "LOCAL_DNS_PORT", int(settings["LOCAL_DNS_PORT"]), "127.0.0.1"
+    for _app, name in APPS:
+        for host, port in replica_addresses(settings, name):
+            yield name, port, host
 
 
 def check_ports_free(settings):
     """Refuse to start next to another server on our ports: a health check could pass against it."""
     for name, port, host in listening_ports(settings):
-        with socket.socket() as sock:
-            # As the servers do: connections in TIME_WAIT from an earlier run must not count.
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            try:
-                sock.bind((host, port))
-            except OSError as exc:
-                shown = f"{name}={settings[name]}" + (f" (replica port {port})" if port != int(settings[name]) else "")
-                raise ConfigError(f"{shown} is already in use on {host} ({exc.strerror}); "
-                                  "stop what listens there or choose another port") from exc
+        # The DNS server answers on UDP (and TCP); everything else is TCP.
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM) if name == "LOCAL_DNS_PORT" else (socket.SOCK_STREAM,):
+            with socket.socket(socket.AF_INET, kind) as sock:
+                # As the servers do: connections in TIME_WAIT from an earlier run must not count.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                try:
+                    sock.bind((host, port))
+                except OSError as exc:
+                    raise ConfigError(f"{name}={settings[name]} is already in use on {host} ({exc.strerror}); "
+                                      "stop what listens there or choose another port") from exc
 
 
 def main():
     settings = load_settings(os.environ)
     check_ports_free(settings)
-    for tool in ("nginx", "redis-server", "envsubst"):
+    for tool in ("nginx", "redis-server", "envsubst", "dnsmasq"):
         if shutil.which(tool) is None:
             raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")
     return Stack(settings).run()

@@ -14,15 +14,16 @@ from pathlib import Path
 from repo import REPO, VENV_BIN, free_port, render_nginx
 
 
-def start_app(app, log_path, **env_overrides):
-    port = free_port()
-    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
+def start_app(app, log_path, host="127.0.0.1", port=None, **env_overrides):
+    """An app instance on HOST:PORT (a free port by default); returns (uWSGI master, base URL)."""
+    port = port or free_port()
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"{host}:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
     env.update(env_overrides)
     log = open(log_path, "w")
     process = subprocess.Popen(
         [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
     )
-    return process, f"http://127.0.0.1:{port}"
+    return process, f"http://{host}:{port}"
 
 
 def wait_healthy(process, url, timeout=30):
@@ -91,8 +92,8 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     port = free_port()
     prefix = render_nginx(
         tmp_path, NGINX_PORT=str(port),
-        NGINX_UWSGI_APP_SERVERS=f"server {uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001')};",
-        NGINX_FLASK_APP_SERVERS=f"server {flask_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_FLASK_APP_PORT', '8002')};",
+        NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001'),
+        NGINX_FLASK_APP_UPSTREAM=flask_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_FLASK_APP_PORT', '8002'),
         **overrides,
     )
     # Its error log (stderr) goes to TMP_PATH/nginx.log, where tests can read what nginx saw.
@@ -112,10 +113,3 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
         yield f"ws://127.0.0.1:{port}"
     finally:
         stop(process, timeout=10)
-
-
-def start_app_on_port(app, log_path, port, **env_overrides):
-    """start_app on a port chosen by the caller: the same one again restarts an app behind
-    an nginx that keeps pointing at it."""
-    process, _ = start_app(app, log_path, **env_overrides, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}")
-    return process, f"http://127.0.0.1:{port}"

@@ -25,8 +25,10 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_WS_CONNECTIONS_PER_IP": "1000",
         "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
         "NGINX_WS_HANDSHAKE_BURST": "500",
-        "NGINX_UWSGI_APP_SERVERS": "server 127.0.0.1:18001;",
-        "NGINX_FLASK_APP_SERVERS": "server 127.0.0.1:18002;",
+        "NGINX_UWSGI_APP_UPSTREAM": "127.0.0.1:18001",
+        "NGINX_FLASK_APP_UPSTREAM": "127.0.0.1:18002",
+        "NGINX_RESOLVER": "127.0.0.1:18053",
+        "NGINX_RESOLVER_VALID": "5s",
         "NGINX_HTML_ROOT": str(REPO / "nginx" / "html"),
         # Not NGINX_*: must survive rendering untouched even though it is set.
         "host": "must-not-be-substituted",

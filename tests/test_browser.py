@@ -13,7 +13,7 @@ import pytest
 pytest.register_assert_rewrite("browser_support")  # before the import below, which is also the plugin's
 from browser_support import expect
 from chat_client import ChatClient, new_room
-from local_processes import running_nginx, start_app, start_app_on_port, stop, wait_healthy
+from local_processes import running_nginx, start_app, stop, wait_healthy
 from stack import BASE_URL
 
 pytest_plugins = ["browser_support"]
@@ -110,7 +110,7 @@ def test_chat_resumes_after_a_backend_restart_without_gaps_or_duplicates(open_pa
             assert [message["text"] for message in said] == meanwhile
             expect(demo.chat_state).to_have_attribute("data-state", "reconnecting")  # still down
 
-            process, _ = start_app_on_port(app, tmp_path / "app-second.log", port, **settings)
+            process, _ = start_app(app, tmp_path / "app-second.log", port=port, **settings)
             wait_healthy(process, app_url)
             expect(demo.texts).to_have_text(["before the restart", *meanwhile], timeout=20_000)
             expect(demo.chat_state).to_have_attribute("data-state", "connected")

@@ -21,7 +21,7 @@ REPLICAS = int(os.environ.get("LOCAL_REPLICAS", "1"))
 APP_PORTS = {"uwsgi": int(os.environ.get("LOCAL_UWSGI_APP_PORT", "8001")),
              "flask": int(os.environ.get("LOCAL_FLASK_APP_PORT", "8002"))}
 REDIS_PORT = int(os.environ.get("LOCAL_REDIS_PORT", "6379"))
-REPLICA_PORT_STEP = 100  # scripts/stack.py
+
 
 
 def query(room, user, last_id=None):
@@ -49,7 +49,7 @@ needs_replicas = pytest.mark.skipif(REPLICAS < 2, reason="the stack runs one ins
 @needs_replicas
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nginx_balances_across_the_replicas(backend):
-    # least_conn among idle replicas takes turns: a few requests reach every instance.
+    # nginx takes the addresses of a service name in turn: a few requests reach every instance.
     masters = {json.loads(http_get(f"/{backend}/healthz").body)["master_pid"] for _ in range(4 * REPLICAS)}
     assert len(masters) == REPLICAS
 
@@ -58,8 +58,9 @@ def test_nginx_balances_across_the_replicas(backend):
 def test_a_message_reaches_every_replica_exactly_once_in_the_same_order():
     room = new_room()
     # Straight to every replica of both apps, so each one surely has a client.
-    urls = [f"ws://127.0.0.1:{APP_PORTS[backend] + REPLICA_PORT_STEP * i}/ws/chat?{query(room, f'{backend}{i}')}"
-            for backend in BACKENDS for i in range(REPLICAS)]
+    # Replica r listens on 127.0.0.r (scripts/stack.py).
+    urls = [f"ws://127.0.0.{r}:{APP_PORTS[backend]}/ws/chat?{query(room, f'{backend}{r}')}"
+            for backend in BACKENDS for r in range(1, REPLICAS + 1)]
     clients = [ChatClient(None, room, f"client{n}", url=url) for n, url in enumerate(urls)]
     try:
         for client in clients:

@@ -77,7 +77,14 @@ def test_nginx_runs_the_same_main_config_and_templates_in_both_modes(local_servi
     assert argv[0] == "nginx"
     local_conf = type(REPO)(argv[argv.index("-c") + 1])
     assert local_conf.resolve() == REPO / "nginx" / "nginx.conf"
-    assert (local_conf.parent / "conf.d" / "default.conf").exists()
+    rendered = (local_conf.parent / "conf.d" / "default.conf").read_text()
+    # Both modes reach the apps by service name, resolved at request time: locally through the
+    # runner's DNS server, in the image through the resolvers of /etc/resolv.conf.
+    assert "resolver 127.0.0.1:8053 valid=5s ipv6=off;" in rendered
+    assert "set $uwsgi_app uwsgi-app:8001;" in rendered and "set $flask_app flask-app:8002;" in rendered
+    assert re.findall(r"proxy_pass (\S+);", rendered) == ["http://$flask_app/healthz", "http://$uwsgi_app/healthz",
+                                                          "http://$uwsgi_app", "http://$flask_app"]
+    assert not re.search(r"^\s*upstream ", rendered, re.M)  # an upstream block would resolve its names once, at start
 
 
 def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner():
@@ -93,7 +100,11 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert socket_default.startswith("127.0.0.1:")
     for app in ("uwsgi-app", "flask-app"):
         assert dockerfile_env(app)["UWSGI_HTTP_SOCKET"] == "0.0.0.0:8000"
-        assert nginx_env[f"NGINX_{app.replace('-', '_').upper()}_SERVERS"] == f"server {app}:8000;"
+        # By service name, resolved by nginx at request time (the image sets the resolvers).
+        assert nginx_env[f"NGINX_{app.replace('-', '_').upper()}_UPSTREAM"] == f"{app}:8000"
+    assert container_to_repo("nginx", "/docker-entrypoint.d/15-resolver.envsh") == \
+        REPO / "nginx" / "docker-entrypoint.d" / "15-resolver.envsh"
+    assert stack.DEFAULTS["NGINX_RESOLVER_VALID"] == nginx_env["NGINX_RESOLVER_VALID"]
     assert set(ini) == {k for k in compose["x-app-environment"] if k.startswith("UWSGI_")}
     for name, value in ini.items():
         assert compose_defaults[name] == value, name

@@ -25,7 +25,8 @@ def stack_env(tmp_path, **overrides):
     env = dict(os.environ)
     env.update(
         NGINX_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()), LOCAL_FLASK_APP_PORT=str(free_port()),
-        LOCAL_REDIS_PORT=str(free_port()), LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
+        LOCAL_REDIS_PORT=str(free_port()), LOCAL_DNS_PORT=str(free_port()), LOCAL_RUN_DIR=str(tmp_path / "run"),
+        UWSGI_WORKER_RELOAD_MERCY="3",
     )
     env.update(overrides)
     return env
@@ -50,9 +51,12 @@ def processes_of(instance_id):
     [
         ({"NGINX_PROXY_READ_TIMEOUT": "10s", "UWSGI_WEBSOCKETS_PING_FREQ": "20"}, "must exceed UWSGI_WEBSOCKETS_PING_FREQ"),
         ({"NGINX_PROXY_READ_TIMEOUT": "soon"}, "not an nginx time"),
-        ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a TCP port"),
+        ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a port number"),
         ({"NGINX_HOST": "192.0.2.1"}, "NGINX_HOST must be a loopback address"),
         ({"LOCAL_STOP_TIMEOUT": "0"}, "LOCAL_STOP_TIMEOUT='0' must be a whole number"),
+        ({"NGINX_RESOLVER_VALID": "500ms"}, "NGINX_RESOLVER_VALID must be at least 1s"),
+        ({"NGINX_RESOLVER_VALID": "often"}, "NGINX_RESOLVER_VALID='often' is not an nginx time"),
+        ({"LOCAL_DNS_PORT": "70000"}, "LOCAL_DNS_PORT='70000' is not a port number"),
     ],
 )
 def test_invalid_settings_fail_fast_with_a_clear_message(tmp_path, overrides, message):
@@ -67,6 +71,15 @@ def test_a_port_already_in_use_is_refused_before_anything_starts(tmp_path):
         other_server.listen()
         port = other_server.getsockname()[1]
         run_stack_expecting_failure(tmp_path, {"LOCAL_REDIS_PORT": str(port)}, f"LOCAL_REDIS_PORT={port} is already in use")
+
+
+def test_a_dns_port_taken_on_udp_only_is_refused(tmp_path):
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as other_dns:
+        other_dns.bind(("127.0.0.1", 0))
+        port = other_dns.getsockname()[1]
+        run_stack_expecting_failure(tmp_path, {"LOCAL_DNS_PORT": str(port)}, f"LOCAL_DNS_PORT={port} is already in use")
 
 
 def run_stack_expecting_failure(tmp_path, overrides, message):

@@ -1,6 +1,7 @@
 """Static checks: Dockerfiles, the compose file, and the nginx config both modes render."""
 import importlib.util
 import json
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -103,8 +104,9 @@ def test_rendered_nginx_config_proxies_websockets_correctly(tmp_path):
         "proxy_buffering off;",
         "proxy_read_timeout 60s;",
         "listen 127.0.0.1:18080;",
-        "server 127.0.0.1:18001;",
-        "server 127.0.0.1:18002;",
+        "set $uwsgi_app 127.0.0.1:18001;",
+        "set $flask_app 127.0.0.1:18002;",
+        "resolver 127.0.0.1:18053 valid=5s ipv6=off;",
     ):
         assert directive in conf, directive
     assert "server_tokens off;" in main
@@ -116,3 +118,30 @@ def test_rendering_fails_when_a_template_variable_is_unset(tmp_path):
     with pytest.raises(subprocess.CalledProcessError) as failure:
         render_nginx(tmp_path, NGINX_ENVSUBST_FILTER="^NGINX_(HOST|PORT)$")
     assert "NGINX_PROXY_READ_TIMEOUT" in failure.value.stderr
+
+
+RESOLVER_SCRIPT = REPO / "nginx" / "docker-entrypoint.d" / "15-resolver.envsh"
+
+
+@pytest.mark.parametrize("resolv_conf, preset, expected", [
+    # podman: its network's DNS first, then the host's resolvers, which do not know the services.
+    ("search dns.podman\nnameserver 10.89.0.1\nnameserver 10.255.255.53\n", None, "10.89.0.1"),
+    ("nameserver 127.0.0.11\noptions ndots:0\n", None, "127.0.0.11"),
+    ("nameserver fd00::1\n", None, "[fd00::1]"),
+    ("nameserver 127.0.0.11\n", "10.0.0.10", "10.0.0.10"),  # set by the operator: kept
+])
+def test_the_image_resolves_service_names_through_the_first_nameserver(tmp_path, resolv_conf, preset, expected):
+    (tmp_path / "resolv.conf").write_text(resolv_conf)
+    env = {"PATH": os.environ["PATH"], "RESOLV_CONF": str(tmp_path / "resolv.conf"), **({"NGINX_RESOLVER": preset} if preset else {})}
+    # Sourced, as the official entrypoint does with *.envsh.
+    result = subprocess.run(["sh", "-c", f'. "{RESOLVER_SCRIPT}" && printf %s "$NGINX_RESOLVER"'],
+                            env=env, capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (0, expected), result.stderr
+
+
+def test_the_image_refuses_to_start_without_a_nameserver(tmp_path):
+    (tmp_path / "resolv.conf").write_text("search example\n")
+    result = subprocess.run(["sh", "-c", f'. "{RESOLVER_SCRIPT}"'], capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"], "RESOLV_CONF": str(tmp_path / "resolv.conf")})
+    assert result.returncode != 0 and "set NGINX_RESOLVER" in result.stderr
+    assert os.access(RESOLVER_SCRIPT, os.X_OK)  # the entrypoint skips scripts that are not executable

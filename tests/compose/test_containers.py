@@ -6,6 +6,8 @@ as, what the healthchecks say, and how nginx addresses the apps.
 import json
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import yaml
 
 from repo import REPO
 from stack import http_get
-from up import check_argv, run_check
+from up import check_argv, run_check, wait_healthy
 
 pytestmark = pytest.mark.compose
 
@@ -83,9 +85,14 @@ def test_nginx_reaches_the_apps_by_service_name():
         ["podman", "exec", container("nginx"), "cat", "/etc/nginx/conf.d/default.conf"],
         capture_output=True, text=True, check=True,
     ).stdout
-    assert "server uwsgi-app:8000;" in rendered
-    assert "server flask-app:8000;" in rendered
+    assert "set $uwsgi_app uwsgi-app:8000;" in rendered
+    assert "set $flask_app flask-app:8000;" in rendered
     assert "${NGINX_" not in rendered
+    # ...resolved at request time by the container network's DNS, its first nameserver.
+    resolv_conf = subprocess.run(["podman", "exec", container("nginx"), "cat", "/etc/resolv.conf"],
+                                 capture_output=True, text=True, check=True).stdout
+    first = next(line.split()[1] for line in resolv_conf.splitlines() if line.startswith("nameserver"))
+    assert f"resolver {first} valid=5s ipv6=off;" in rendered
     for backend in ("uwsgi", "flask"):
         health = json.loads(http_get(f"/{backend}/healthz").body)
         # Through the compose network, Redis is reachable by its service name too.
@@ -106,3 +113,29 @@ def test_project_images_declare_the_non_root_user(service):
         capture_output=True, text=True, check=True,
     ).stdout.strip()
     assert user == f"{APP_UID}:{APP_UID}"
+
+
+def address(service):
+    return next(iter(inspect(service)["NetworkSettings"]["Networks"].values()))["IPAddress"]
+
+
+def test_zz_nginx_follows_a_recreated_app_to_its_new_address():
+    """As `docker compose up --force-recreate uwsgi-app`: a new container with a new address.
+    nginx, not restarted, sends new requests there within NGINX_RESOLVER_VALID (5 s).
+    (Named zz: it runs last, as it replaces a container the other checks look at.)"""
+    nginx_started = inspect("nginx")["State"]["StartedAt"]
+    old_address = address("uwsgi-app")
+    subprocess.run(["podman", "rm", "--force", "--time", "20", container("uwsgi-app")], check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
+                    "-p", PROJECT, "up", "-d", "--no-deps", "uwsgi-app"], check=True, capture_output=True)
+    assert address("uwsgi-app") != old_address  # podman's IPAM hands out the next free address
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    wait_healthy(container("uwsgi-app"), compose["services"]["uwsgi-app"]["healthcheck"])
+
+    started, statuses = time.monotonic(), []
+    while not statuses or statuses[-1] != 200:
+        assert time.monotonic() - started < 5 + 2, statuses
+        statuses.append(http_get("/uwsgi/healthz").status)
+        time.sleep(0.1)
+    assert all(http_get("/uwsgi/healthz").status == 200 for _ in range(10))
+    assert inspect("nginx")["State"]["StartedAt"] == nginx_started

@@ -1,0 +1,155 @@
+"""nginx follows a backend to a new address without a restart (local mode).
+
+What `docker compose up --force-recreate` or `--scale` does to nginx, reproduced with local
+processes: the apps are reached by service name through the project's own DNS server
+(scripts/localdns.py, dnsmasq on loopback, as `make run` uses it), and a backend comes back on
+another 127.0.0.x address with its record updated. New connections must reach it within
+NGINX_RESOLVER_VALID; connections to the other backend must not notice.
+"""
+import json
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from websockets.sync.client import connect
+
+from local_processes import running_nginx, start_app, stop, wait_healthy
+from repo import REPO, free_port
+
+sys.path.insert(0, str(REPO / "scripts"))
+import localdns  # noqa: E402
+
+pytestmark = pytest.mark.local
+
+VALID = 2  # NGINX_RESOLVER_VALID of this test's nginx, in seconds
+# Time for nginx's cached answer to expire, plus one poll and the new instance's first answer.
+MARGIN = 1.5
+
+
+class Dns:
+    """A dnsmasq of the test's own, its records in a hosts file under tmp_path."""
+
+    def __init__(self, tmp_path, records):
+        self.port = free_port()
+        self.hosts_file = tmp_path / "dns-hosts"
+        self.records = dict(records)
+        localdns.write_hosts(self.hosts_file, self.records)
+        self.process = subprocess.Popen(localdns.dnsmasq_argv(self.hosts_file, self.port, VALID),
+                                        stdout=open(tmp_path / "dns.log", "w"), stderr=subprocess.STDOUT)
+        self._wait_for(records)
+
+    def update(self, **records):
+        """Rewrite the records, have dnsmasq reread them, and return once it answers with them."""
+        self.records.update({name.replace("_", "-"): addresses for name, addresses in records.items()})
+        localdns.write_hosts(self.hosts_file, self.records)
+        self.process.send_signal(signal.SIGHUP)
+        self._wait_for(self.records)
+
+    def _wait_for(self, records):
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                if all(sorted(localdns.query_a(name, self.port)) == sorted(addresses)
+                       for name, addresses in records.items()):
+                    return
+            except OSError:
+                pass
+            assert self.process.poll() is None and time.monotonic() < deadline, "dnsmasq did not answer"
+            time.sleep(0.05)
+
+
+def through(nginx_ws, path):
+    """(status, JSON body or None) of an HTTP GET through nginx."""
+    try:
+        with urllib.request.urlopen("http" + nginx_ws.removeprefix("ws") + path, timeout=5) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, None
+
+
+def echo(ws, text):
+    ws.send(text)
+    assert ws.recv(timeout=5) == text
+
+
+@pytest.fixture
+def apps_by_name(tmp_path):
+    """uwsgi-app and flask-app on 127.0.0.1, both reached by name through their own nginx."""
+    ports = {"uwsgi-app": free_port(), "flask-app": free_port()}
+    dns = Dns(tmp_path, {"uwsgi-app": ["127.0.0.1"], "flask-app": ["127.0.0.1"]})
+    started = []
+
+    def start(app, host, log_name):
+        process, url = start_app(app, tmp_path / log_name, host=host, port=ports[app], UWSGI_PROCESSES="1")
+        started.append(process)
+        wait_healthy(process, url)
+        return process
+
+    try:
+        first = {app: start(app, "127.0.0.1", f"{app}-first.log") for app in ports}
+        with running_nginx(tmp_path, uwsgi_app_upstream=f"uwsgi-app:{ports['uwsgi-app']}",
+                           flask_app_upstream=f"flask-app:{ports['flask-app']}",
+                           NGINX_RESOLVER=f"127.0.0.1:{dns.port}", NGINX_RESOLVER_VALID=f"{VALID}s") as nginx_ws:
+            yield nginx_ws, dns, first, start
+    finally:
+        for process in started:
+            stop(process)
+        stop(dns.process)
+
+
+def poll_until_served_by(nginx_ws, masters, deadline_after):
+    """Ask /uwsgi/healthz through nginx until every master in MASTERS has answered; return
+    (seconds it took, statuses seen). Fails if that takes longer than DEADLINE_AFTER."""
+    started, seen, statuses = time.monotonic(), set(), []
+    while not masters <= seen:
+        assert time.monotonic() - started < deadline_after, f"only {seen} of {masters} reached; statuses {statuses}"
+        status, body = through(nginx_ws, "/uwsgi/healthz")
+        statuses.append(status)
+        if status == 200:
+            seen.add(body["master_pid"])
+        else:
+            time.sleep(0.1)
+    return time.monotonic() - started, statuses
+
+
+def test_a_backend_recreated_on_a_new_address_is_followed_within_the_ttl(apps_by_name):
+    nginx_ws, dns, first, start = apps_by_name
+    assert through(nginx_ws, "/uwsgi/healthz")[1]["master_pid"] == first["uwsgi-app"].pid
+    with connect(nginx_ws + "/flask/ws/echo") as bystander, connect(nginx_ws + "/uwsgi/ws/echo") as old:
+        echo(bystander, "before")
+        echo(old, "before")
+
+        # As compose --force-recreate: the old container goes, a new one comes with another address.
+        stop(first["uwsgi-app"])
+        recreated = start("uwsgi-app", "127.0.0.7", "uwsgi-app-recreated.log")
+        dns.update(uwsgi_app=["127.0.0.7"])
+        took, statuses = poll_until_served_by(nginx_ws, {recreated.pid}, VALID + MARGIN)
+
+        # Refused connections (502) only until nginx's cached answer expired, then never again.
+        assert set(statuses) <= {502, 200} and statuses[-1] == 200, statuses
+        for _ in range(20):
+            status, body = through(nginx_ws, "/uwsgi/healthz")
+            assert (status, body["master_pid"]) == (200, recreated.pid)
+        with connect(nginx_ws + "/uwsgi/ws/echo") as fresh:
+            echo(fresh, "after")
+
+        # The WebSocket on the other backend never noticed.
+        echo(bystander, "after")
+    print(f"followed the new address after {took:.2f}s with {statuses.count(502)} answers of 502")
+
+
+def test_a_backend_scaled_out_gets_new_connections_within_the_ttl(apps_by_name):
+    nginx_ws, dns, first, start = apps_by_name
+    with connect(nginx_ws + "/uwsgi/ws/echo") as existing:
+        echo(existing, "before")
+        # As compose --scale uwsgi-app=2: a second address for the same name.
+        second = start("uwsgi-app", "127.0.0.8", "uwsgi-app-second.log")
+        dns.update(uwsgi_app=["127.0.0.1", "127.0.0.8"])
+        _took, statuses = poll_until_served_by(nginx_ws, {first["uwsgi-app"].pid, second.pid}, VALID + MARGIN)
+        # Both instances were up all along: not one request failed.
+        assert set(statuses) == {200}, statuses
+        echo(existing, "after")
