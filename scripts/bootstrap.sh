@@ -48,7 +48,7 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
 fi
 
 requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt tests/requirements-browser.txt
-              bench/requirements.txt)
+              tests/requirements-k8s.txt bench/requirements.txt)
 stamp="$VENV/.requirements.sha256"
 wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ ! -x "$VENV/bin/python" ]; then
