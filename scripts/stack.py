@@ -41,6 +41,12 @@ DEFAULTS = {
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
+    "NGINX_TLS_PORT": "8443",
+    # Both empty: a development certificate is made in LOCAL_RUN_DIR/tls (nginx/dev-certs.sh).
+    "NGINX_TLS_CERTIFICATE": "",
+    "NGINX_TLS_CERTIFICATE_KEY": "",
+    "NGINX_HTTPS_REDIRECT": "off",
+    "NGINX_HSTS_MAX_AGE": "0",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
@@ -52,7 +58,8 @@ DEFAULTS = {
 }
 REPLICA_PORT_STEP = 100
 MAX_REPLICAS = 8
-PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
+PORT_SETTINGS = ("NGINX_PORT", "NGINX_TLS_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
+TLS_FILE_SETTINGS = ("NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY")
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -97,6 +104,7 @@ def load_settings(environ):
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn
         raise ConfigError(f"NGINX_WS_CONNECTIONS_PER_IP={settings['NGINX_WS_CONNECTIONS_PER_IP']} must be at most 65535")
+    check_tls_settings(settings)
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     read_timeout = nginx_seconds("NGINX_PROXY_READ_TIMEOUT", settings["NGINX_PROXY_READ_TIMEOUT"])
     if read_timeout <= int(settings["UWSGI_WEBSOCKETS_PING_FREQ"]):
@@ -105,6 +113,33 @@ def load_settings(environ):
             "or nginx closes idle WebSockets between two pings"
         )
     return settings
+
+
+def check_tls_settings(settings):
+    """The container checks the same in nginx/docker-entrypoint.d/15-tls-certificate.envsh."""
+    if settings["NGINX_HTTPS_REDIRECT"] not in ("on", "off"):
+        raise ConfigError(f"NGINX_HTTPS_REDIRECT={settings['NGINX_HTTPS_REDIRECT']!r} must be on or off")
+    if not settings["NGINX_HSTS_MAX_AGE"].isdigit():
+        raise ConfigError(f"NGINX_HSTS_MAX_AGE={settings['NGINX_HSTS_MAX_AGE']!r} must be a whole number of seconds (0: no header)")
+    given = [name for name in TLS_FILE_SETTINGS if settings[name]]
+    if len(given) == 1:
+        missing = next(name for name in TLS_FILE_SETTINGS if name not in given)
+        raise ConfigError(f"NGINX_TLS_CERTIFICATE and NGINX_TLS_CERTIFICATE_KEY go together: {missing} is missing")
+    for name in given:
+        if not os.path.isfile(settings[name]) or not os.access(settings[name], os.R_OK):
+            raise ConfigError(f"{name}={settings[name]} is not a readable file")
+
+
+def tls_certificate(settings, run_dir):
+    """(certificate, key) for nginx: the configured files, or the development ones, made if needed."""
+    if settings["NGINX_TLS_CERTIFICATE"]:
+        return settings["NGINX_TLS_CERTIFICATE"], settings["NGINX_TLS_CERTIFICATE_KEY"]
+    dev_dir = run_dir / "tls"
+    subprocess.run([str(REPO / "nginx" / "dev-certs.sh"), str(dev_dir)], check=True)
+    print(f"stack: no NGINX_TLS_CERTIFICATE given: https and wss use a development certificate signed by "
+          f"the local CA {dev_dir / 'ca.crt'}; trust that file to connect without warnings "
+          f"(curl --cacert {dev_dir / 'ca.crt'}, or import it as an authority in your browser)", flush=True)
+    return str(dev_dir / "server.crt"), str(dev_dir / "server.key")
 
 
 class Service:
@@ -211,6 +246,7 @@ def build_services(settings, instance_id):
         nginx_env[f"NGINX_{app}_SERVERS"] = " ".join(
             f"server 127.0.0.1:{port};" for port in replica_ports(settings, port_setting))
     nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
+    nginx_env["NGINX_TLS_CERTIFICATE"], nginx_env["NGINX_TLS_CERTIFICATE_KEY"] = tls_certificate(settings, run_dir)
     prefix = prepare_nginx(nginx_env, run_dir)
 
     redis_dir = run_dir / "redis"
@@ -250,6 +286,7 @@ class Stack:
         self.settings = settings
         self.instance_id = uuid.uuid4().hex
         self.services, self.url = build_services(settings, self.instance_id)
+        self.tls_url = f"https://{settings['NGINX_HOST']}:{settings['NGINX_TLS_PORT']}"
         self.stopping = threading.Event()
 
     def wait_ready(self, service, deadline):
@@ -278,7 +315,8 @@ class Stack:
                 service.start()
                 self.wait_ready(service, deadline)
             if not self.stopping.is_set():
-                print(f"stack: ready at {self.url}/ (instance {self.instance_id}); Ctrl-C stops it", flush=True)
+                print(f"stack: ready at {self.url}/ and {self.tls_url}/ (instance {self.instance_id}); "
+                      "Ctrl-C stops it", flush=True)
             while not self.stopping.wait(0.5):
                 dead = [s for s in self.services if not s.alive()]
                 if dead:
@@ -304,6 +342,7 @@ class Stack:
 def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
+    yield "NGINX_TLS_PORT", int(settings["NGINX_TLS_PORT"]), settings["NGINX_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
     for name in ("LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT"):
         for port in replica_ports(settings, name):
@@ -327,7 +366,7 @@ def check_ports_free(settings):
 def main():
     settings = load_settings(os.environ)
     check_ports_free(settings)
-    for tool in ("nginx", "redis-server", "envsubst"):
+    for tool in ("nginx", "redis-server", "envsubst", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")
     return Stack(settings).run()
