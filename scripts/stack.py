@@ -82,6 +82,8 @@ def load_settings(environ):
         value = settings[name]
         if not value.isdigit() or not 0 < int(value) < 65536:
             raise ConfigError(f"{name}={value!r} is not a TCP port")
+    if settings["NGINX_TLS_PORT"] == settings["NGINX_PORT"]:
+        raise ConfigError(f"NGINX_TLS_PORT must differ from NGINX_PORT ({settings['NGINX_PORT']})")
     if len({settings[name] for name in PORT_SETTINGS}) != len(PORT_SETTINGS):
         raise ConfigError(f"{', '.join(PORT_SETTINGS)} must all differ")
     try:

@@ -53,13 +53,6 @@ def processes_of(instance_id):
         ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a TCP port"),
         ({"NGINX_HOST": "192.0.2.1"}, "NGINX_HOST must be a loopback address"),
         ({"LOCAL_STOP_TIMEOUT": "0"}, "LOCAL_STOP_TIMEOUT='0' must be a whole number"),
-        ({"NGINX_TLS_PORT": "abc"}, "NGINX_TLS_PORT='abc' is not a TCP port"),
-        ({"NGINX_TLS_PORT": "21999", "NGINX_PORT": "21999"}, "NGINX_PORT, NGINX_TLS_PORT, LOCAL_UWSGI_APP_PORT"),
-        ({"NGINX_TLS_CERTIFICATE": "/etc/hostname"}, "NGINX_TLS_CERTIFICATE_KEY is missing"),
-        ({"NGINX_TLS_CERTIFICATE": "/nonexistent/server.crt", "NGINX_TLS_CERTIFICATE_KEY": "/etc/hostname"},
-         "NGINX_TLS_CERTIFICATE=/nonexistent/server.crt is not a readable file"),
-        ({"NGINX_HTTPS_REDIRECT": "yes"}, "NGINX_HTTPS_REDIRECT='yes' must be on or off"),
-        ({"NGINX_HSTS_MAX_AGE": "1y"}, "NGINX_HSTS_MAX_AGE='1y' must be a whole number of seconds"),
     ],
 )
 def test_invalid_settings_fail_fast_with_a_clear_message(tmp_path, overrides, message):

@@ -18,8 +18,9 @@ import pytest
 from websockets.sync.client import connect
 
 from local_processes import running_nginx
-from repo import REPO, dev_certificate_dir, free_port, render_nginx
+from repo import REPO, dev_certificate_dir, free_port, load_stack_module, render_nginx
 from stack import TLS_BASE_URL, TLS_CA_FILE, WSS_BASE_URL
+from test_local_stack import run_stack_expecting_failure
 
 TLS_HOST = urllib.parse.urlsplit(TLS_BASE_URL).hostname
 TLS_PORT = urllib.parse.urlsplit(TLS_BASE_URL).port or 443
@@ -252,6 +253,29 @@ def test_dev_certs_reuses_valid_files_and_replaces_a_server_certificate_about_to
     assert "DNS:nginx" in certificate_text(directory / "server.crt")
 
 
+@pytest.mark.local
+def test_make_run_makes_the_development_certificate_in_its_run_dir_and_says_where(tmp_path, capfd):
+    stack_runner = load_stack_module()
+    settings = stack_runner.load_settings({"LOCAL_RUN_DIR": str(tmp_path)})
+    paths = stack_runner.tls_certificate(settings, tmp_path)
+    assert paths == (str(tmp_path / "tls" / "server.crt"), str(tmp_path / "tls" / "server.key"))
+    assert f"local CA {tmp_path / 'tls' / 'ca.crt'}" in capfd.readouterr().out
+    verified = subprocess.run(["openssl", "verify", "-CAfile", str(tmp_path / "tls" / "ca.crt"), paths[0]],
+                              capture_output=True, text=True)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+
+
+@pytest.mark.local
+def test_make_run_uses_a_given_certificate_and_makes_none(tmp_path):
+    stack_runner = load_stack_module()
+    given = {"NGINX_TLS_CERTIFICATE": str(dev_certificate_dir() / "server.crt"),
+             "NGINX_TLS_CERTIFICATE_KEY": str(dev_certificate_dir() / "server.key")}
+    settings = stack_runner.load_settings({"LOCAL_RUN_DIR": str(tmp_path), **given})
+    assert stack_runner.tls_certificate(settings, tmp_path) == (given["NGINX_TLS_CERTIFICATE"],
+                                                                given["NGINX_TLS_CERTIFICATE_KEY"])
+    assert not (tmp_path / "tls").exists()
+
+
 def run_container_tls_start(tmp_path, **settings):
     """nginx/docker-entrypoint.d/15-tls-certificate.envsh sourced as the image's entrypoint
     does, with the image's defaults; it prints what it exported."""
@@ -289,18 +313,28 @@ def test_container_start_keeps_a_given_certificate_and_makes_none(tmp_path):
     assert not (tmp_path / "volume").exists()
 
 
-@pytest.mark.local
-@pytest.mark.parametrize("settings, message", [
+INVALID_TLS_SETTINGS = [
     ({"NGINX_TLS_PORT": "abc"}, "NGINX_TLS_PORT='abc' is not a TCP port"),
-    ({"NGINX_TLS_PORT": "8080"}, "NGINX_TLS_PORT must differ from NGINX_PORT"),
+    ({"NGINX_TLS_PORT": "21999", "NGINX_PORT": "21999"}, "NGINX_TLS_PORT must differ from NGINX_PORT"),
     ({"NGINX_TLS_CERTIFICATE": "/etc/hostname"}, "NGINX_TLS_CERTIFICATE_KEY is missing"),
     ({"NGINX_TLS_CERTIFICATE": "/etc/hostname", "NGINX_TLS_CERTIFICATE_KEY": "/nonexistent.key"},
      "NGINX_TLS_CERTIFICATE_KEY=/nonexistent.key is not a readable file"),
     ({"NGINX_HTTPS_REDIRECT": "true"}, "NGINX_HTTPS_REDIRECT='true' must be on or off"),
-    ({"NGINX_HSTS_MAX_AGE": "-1"}, "NGINX_HSTS_MAX_AGE='-1' must be a whole number"),
-])
+    ({"NGINX_HSTS_MAX_AGE": "-1"}, "NGINX_HSTS_MAX_AGE='-1' must be a whole number of seconds"),
+]
+
+
+@pytest.mark.local
+@pytest.mark.parametrize("settings, message", INVALID_TLS_SETTINGS)
 def test_container_start_refuses_invalid_tls_settings(tmp_path, settings, message):
     result = run_container_tls_start(tmp_path, **settings)
     assert result.returncode != 0
     assert message in result.stderr
     assert "cert=" not in result.stdout
+
+
+@pytest.mark.local
+@pytest.mark.parametrize("settings, message", INVALID_TLS_SETTINGS)
+def test_make_run_refuses_invalid_tls_settings_before_starting_anything(tmp_path, settings, message):
+    run_stack_expecting_failure(tmp_path, settings, message)
+    assert not (tmp_path / "run" / "tls").exists()  # refused before making a certificate
