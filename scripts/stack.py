@@ -122,7 +122,8 @@ def check_tls_settings(settings):
     if settings["NGINX_HTTPS_REDIRECT"] not in ("on", "off"):
         raise ConfigError(f"NGINX_HTTPS_REDIRECT={settings['NGINX_HTTPS_REDIRECT']!r} must be on or off")
     if not settings["NGINX_HSTS_MAX_AGE"].isdigit():
-        raise ConfigError(f"NGINX_HSTS_MAX_AGE={settings['NGINX_HSTS_MAX_AGE']!r} must be a whole number of seconds (0: no header)")
+        raise ConfigError(f"NGINX_HSTS_MAX_AGE={settings['NGINX_HSTS_MAX_AGE']!r} "
+                          "must be a whole number of seconds (0: no header)")
     given = [name for name in TLS_FILE_SETTINGS if settings[name]]
     if len(given) == 1:
         missing = next(name for name in TLS_FILE_SETTINGS if name not in given)
@@ -137,7 +138,10 @@ def tls_certificate(settings, run_dir):
     if settings["NGINX_TLS_CERTIFICATE"]:
         return settings["NGINX_TLS_CERTIFICATE"], settings["NGINX_TLS_CERTIFICATE_KEY"]
     dev_dir = run_dir / "tls"
-    subprocess.run([str(REPO / "nginx" / "dev-certs.sh"), str(dev_dir)], check=True)
+    made = subprocess.run([str(REPO / "nginx" / "dev-certs.sh"), str(dev_dir)])
+    if made.returncode != 0:
+        raise SystemExit(f"stack: could not make the development certificate in {dev_dir} (nginx/dev-certs.sh, "
+                         "output above); give your own with NGINX_TLS_CERTIFICATE and NGINX_TLS_CERTIFICATE_KEY")
     print(f"stack: no NGINX_TLS_CERTIFICATE given: https and wss use a development certificate signed by "
           f"the local CA {dev_dir / 'ca.crt'}; trust that file to connect without warnings "
           f"(curl --cacert {dev_dir / 'ca.crt'}, or import it as an authority in your browser)", flush=True)
