@@ -82,12 +82,14 @@ class Stack:
         self.processes = []
 
     def __enter__(self):
-        self.ports = {name: free_port() for name in ("nginx", "uwsgi", "flask", "redis", "dns", "reference", "reference_nginx")}
+        self.ports = {name: free_port() for name in ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", "reference",
+                                                      "reference_nginx", "reference_nginx_tls")}
         per_app = self.settings["idle"] // 2
         # Room for every idle connection on one worker (uWSGI does not balance accepts evenly),
         # and the cap must stay below the gevent cores (wsstack.capacity).
         cores = max(1000, per_app + 200)
         env = dict(os.environ, **STACK_SETTINGS, NGINX_PORT=str(self.ports["nginx"]),
+                   NGINX_TLS_PORT=str(self.ports["nginx_tls"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
                    LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
                    UWSGI_PROCESSES=str(PER_APP_WORKERS), UWSGI_GEVENT=str(cores),
@@ -122,7 +124,12 @@ class Stack:
         env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(self.ports["reference_nginx"]),
                    NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=upstream,
                    NGINX_FLASK_APP_UPSTREAM=upstream, NGINX_RESOLVER=f"127.0.0.1:{self.ports['dns']}",
-                   NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"))
+                   NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),
+                   # TLS is not measured; the template needs a certificate: the one the stack made.
+                   NGINX_TLS_PORT=str(self.ports["reference_nginx_tls"]),
+                   NGINX_HTTPS_REDIRECT="off", NGINX_HSTS_MAX_AGE="0",
+                   NGINX_TLS_CERTIFICATE=str(self.run_dir / "stack" / "tls" / "server.crt"),
+                   NGINX_TLS_CERTIFICATE_KEY=str(self.run_dir / "stack" / "tls" / "server.key"))
         # The same prefix layout and template rendering as make run's nginx.
         prefix = stack_runner.prepare_nginx(env, self.run_dir / "reference")
         nginx = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],

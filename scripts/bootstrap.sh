@@ -23,6 +23,8 @@ dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 command -v gcc >/dev/null || apt_packages+=(gcc)
 dpkg -s libc6-dev >/dev/null 2>&1 || apt_packages+=(libc6-dev)
 command -v patch >/dev/null || apt_packages+=(patch)
+# nginx/dev-certs.sh makes the development TLS certificate with it.
+command -v openssl >/dev/null || apt_packages+=(openssl)
 # A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
 "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \

@@ -45,6 +45,12 @@ DEFAULTS = {
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
     "NGINX_RESOLVER_VALID": "5s",
+    "NGINX_TLS_PORT": "8443",
+    # Both empty: a development certificate is made in LOCAL_RUN_DIR/tls (nginx/dev-certs.sh).
+    "NGINX_TLS_CERTIFICATE": "",
+    "NGINX_TLS_CERTIFICATE_KEY": "",
+    "NGINX_HTTPS_REDIRECT": "off",
+    "NGINX_HSTS_MAX_AGE": "0",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
@@ -56,8 +62,10 @@ DEFAULTS = {
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
 }
 MAX_REPLICAS = 8
-PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT", "LOCAL_DNS_PORT")
+PORT_SETTINGS = ("NGINX_PORT", "NGINX_TLS_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT",
+                 "LOCAL_DNS_PORT")
 APPS = (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT"))
+TLS_FILE_SETTINGS = ("NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY")
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -80,6 +88,8 @@ def load_settings(environ):
         value = settings[name]
         if not value.isdigit() or not 0 < int(value) < 65536:
             raise ConfigError(f"{name}={value!r} is not a port number (1-65535)")
+    if settings["NGINX_TLS_PORT"] == settings["NGINX_PORT"]:
+        raise ConfigError(f"NGINX_TLS_PORT must differ from NGINX_PORT ({settings['NGINX_PORT']})")
     if len({settings[name] for name in PORT_SETTINGS}) != len(PORT_SETTINGS):
         raise ConfigError(f"{', '.join(PORT_SETTINGS)} must all differ")
     try:
@@ -98,6 +108,7 @@ def load_settings(environ):
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn
         raise ConfigError(f"NGINX_WS_CONNECTIONS_PER_IP={settings['NGINX_WS_CONNECTIONS_PER_IP']} must be at most 65535")
+    check_tls_settings(settings)
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     if nginx_seconds("NGINX_RESOLVER_VALID", settings["NGINX_RESOLVER_VALID"]) < 1:
         raise ConfigError("NGINX_RESOLVER_VALID must be at least 1s")
@@ -108,6 +119,37 @@ def load_settings(environ):
             "or nginx closes idle WebSockets between two pings"
         )
     return settings
+
+
+def check_tls_settings(settings):
+    """The container checks the same in nginx/docker-entrypoint.d/15-tls-certificate.envsh."""
+    if settings["NGINX_HTTPS_REDIRECT"] not in ("on", "off"):
+        raise ConfigError(f"NGINX_HTTPS_REDIRECT={settings['NGINX_HTTPS_REDIRECT']!r} must be on or off")
+    if not settings["NGINX_HSTS_MAX_AGE"].isdigit():
+        raise ConfigError(f"NGINX_HSTS_MAX_AGE={settings['NGINX_HSTS_MAX_AGE']!r} "
+                          "must be a whole number of seconds (0: no header)")
+    given = [name for name in TLS_FILE_SETTINGS if settings[name]]
+    if len(given) == 1:
+        missing = next(name for name in TLS_FILE_SETTINGS if name not in given)
+        raise ConfigError(f"NGINX_TLS_CERTIFICATE and NGINX_TLS_CERTIFICATE_KEY go together: {missing} is missing")
+    for name in given:
+        if not os.path.isfile(settings[name]) or not os.access(settings[name], os.R_OK):
+            raise ConfigError(f"{name}={settings[name]} is not a readable file")
+
+
+def tls_certificate(settings, run_dir):
+    """(certificate, key) for nginx: the configured files, or the development ones, made if needed."""
+    if settings["NGINX_TLS_CERTIFICATE"]:
+        return settings["NGINX_TLS_CERTIFICATE"], settings["NGINX_TLS_CERTIFICATE_KEY"]
+    dev_dir = run_dir / "tls"
+    made = subprocess.run([str(REPO / "nginx" / "dev-certs.sh"), str(dev_dir)])
+    if made.returncode != 0:
+        raise SystemExit(f"stack: could not make the development certificate in {dev_dir} (nginx/dev-certs.sh, "
+                         "output above); give your own with NGINX_TLS_CERTIFICATE and NGINX_TLS_CERTIFICATE_KEY")
+    print(f"stack: no NGINX_TLS_CERTIFICATE given: https and wss use a development certificate signed by "
+          f"the local CA {dev_dir / 'ca.crt'}; trust that file to connect without warnings "
+          f"(curl --cacert {dev_dir / 'ca.crt'}, or import it as an authority in your browser)", flush=True)
+    return str(dev_dir / "server.crt"), str(dev_dir / "server.key")
 
 
 class Service:
@@ -231,6 +273,7 @@ def build_services(settings, instance_id):
     for app, port_setting in APPS:
         nginx_env[f"NGINX_{app.replace('-', '_').upper()}_UPSTREAM"] = f"{app}:{settings[port_setting]}"
     nginx_env["NGINX_HTML_ROOT"] = str(REPO / "nginx" / "html")
+    nginx_env["NGINX_TLS_CERTIFICATE"], nginx_env["NGINX_TLS_CERTIFICATE_KEY"] = tls_certificate(settings, run_dir)
     prefix = prepare_nginx(nginx_env, run_dir)
 
     hosts_file = run_dir / "dns-hosts"
@@ -277,6 +320,7 @@ class Stack:
         self.settings = settings
         self.instance_id = uuid.uuid4().hex
         self.services, self.url = build_services(settings, self.instance_id)
+        self.tls_url = f"https://{settings['NGINX_HOST']}:{settings['NGINX_TLS_PORT']}"
         self.stopping = threading.Event()
 
     def wait_ready(self, service, deadline):
@@ -305,7 +349,8 @@ class Stack:
                 service.start()
                 self.wait_ready(service, deadline)
             if not self.stopping.is_set():
-                print(f"stack: ready at {self.url}/ (instance {self.instance_id}); Ctrl-C stops it", flush=True)
+                print(f"stack: ready at {self.url}/ and {self.tls_url}/ (instance {self.instance_id}); "
+                      "Ctrl-C stops it", flush=True)
             while not self.stopping.wait(0.5):
                 dead = [s for s in self.services if not s.alive()]
                 if dead:
@@ -331,6 +376,7 @@ class Stack:
 def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
+    yield "NGINX_TLS_PORT", int(settings["NGINX_TLS_PORT"]), settings["NGINX_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
     yield "LOCAL_DNS_PORT", int(settings["LOCAL_DNS_PORT"]), "127.0.0.1"
     for _app, name in APPS:
@@ -356,7 +402,7 @@ def check_ports_free(settings):
 def main():
     settings = load_settings(os.environ)
     check_ports_free(settings)
-    for tool in ("nginx", "redis-server", "envsubst", "dnsmasq"):
+    for tool in ("nginx", "redis-server", "envsubst", "dnsmasq", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")
     return Stack(settings).run()

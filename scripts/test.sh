@@ -15,6 +15,10 @@ export NGINX_PORT=${NGINX_PORT:-8080}
 # Two instances of each app: chat messages must cross replicas through Redis.
 export LOCAL_REPLICAS=${LOCAL_REPLICAS:-2}
 export STACK_BASE_URL=${STACK_BASE_URL:-http://127.0.0.1:${NGINX_PORT}}
+# https/wss: the stack makes a development CA in its run dir; the suite trusts only that CA.
+export NGINX_TLS_PORT=${NGINX_TLS_PORT:-8443}
+export STACK_TLS_BASE_URL=${STACK_TLS_BASE_URL:-https://127.0.0.1:${NGINX_TLS_PORT}}
+export STACK_TLS_CA_FILE=${STACK_TLS_CA_FILE:-$(realpath -m "${LOCAL_RUN_DIR:-.run}")/tls/ca.crt}
 export STACK_MODE=local
 mkdir -p .run
 log=.run/stack-test.log

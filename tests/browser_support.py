@@ -41,13 +41,14 @@ def browser():
 
 @pytest.fixture
 def open_page(browser, request):
-    """open_page(url) -> DemoPage, each in a fresh browser context (no shared storage)."""
+    """open_page(url, **context_options) -> DemoPage, each in a fresh browser context (no shared
+    storage); the options go to Playwright's new_context (e.g. ignore_https_errors=True)."""
     expect.set_options(timeout=TIMEOUT_MS)
     pages = request.node.stash.setdefault(PAGES, [])
     contexts = []
 
-    def open_(url):
-        context = browser.new_context()
+    def open_(url, **context_options):
+        context = browser.new_context(**context_options)
         contexts.append(context)
         context.set_default_timeout(TIMEOUT_MS)
         demo = DemoPage(context.new_page())

@@ -1,6 +1,8 @@
 """Black-box settings: the suite only knows nginx's URL, in the tests container or locally.
 
 STACK_BASE_URL                 nginx, e.g. http://127.0.0.1:8080 or http://nginx:8080
+STACK_TLS_BASE_URL             nginx's TLS port, e.g. https://127.0.0.1:8443 or https://nginx:8443
+STACK_TLS_CA_FILE              the CA that signed nginx's certificate (the only one the TLS tests trust)
 STACK_MODE                     "local" (make test) runs the @pytest.mark.local tests too;
                                "compose" (make test-compose, on the host) the
                                @pytest.mark.compose ones; the tests container skips both

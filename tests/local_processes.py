@@ -4,6 +4,7 @@ Tests that need settings the shared stack cannot have (one worker, tiny limits, 
 timeouts) start their own processes from the same config files, on free loopback ports.
 """
 import contextlib
+import http.client
 import os
 import signal
 import subprocess
@@ -90,6 +91,7 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     By default it proxies to the running local stack's apps.
     """
     port = free_port()
+    overrides.setdefault("NGINX_TLS_PORT", str(free_port()))
     prefix = render_nginx(
         tmp_path, NGINX_PORT=str(port),
         NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001'),
@@ -100,16 +102,19 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     with open(tmp_path / "nginx.log", "w") as log:
         process = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
                                    stdout=subprocess.DEVNULL, stderr=log)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
-        while True:  # readiness: nginx answers (its /healthz needs the apps; any answer will do)
+        while True:  # readiness: nginx answers (its /healthz needs the apps; any answer, a redirect too, will do)
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
             try:
-                urllib.request.urlopen(url + "/index.html", timeout=1).read()
+                connection.request("GET", "/index.html")
+                connection.getresponse().read()
                 break
             except OSError:
                 assert process.poll() is None and time.monotonic() < deadline, "nginx did not start"
                 time.sleep(0.1)
+            finally:
+                connection.close()
         yield f"ws://127.0.0.1:{port}"
     finally:
         stop(process, timeout=10)

@@ -1,4 +1,6 @@
 """Helpers for the @pytest.mark.local tests, which read the repository and run local tools."""
+import functools
+import importlib.util
 import os
 import subprocess
 import sys
@@ -7,6 +9,22 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 DOCKERFILES = sorted(REPO.glob("*/Dockerfile"))
+
+
+def load_stack_module():
+    """scripts/stack.py, the local process runner, as a module."""
+    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@functools.cache
+def dev_certificate_dir():
+    """A development CA and server certificate (nginx/dev-certs.sh) for the tests' own nginx."""
+    directory = REPO / ".run" / "test-tls"
+    subprocess.run([str(REPO / "nginx" / "dev-certs.sh"), str(directory)], check=True, capture_output=True)
+    return directory
 
 
 def render_nginx(tmp_path, **overrides):
@@ -30,6 +48,11 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_RESOLVER": "127.0.0.1:18053",
         "NGINX_RESOLVER_VALID": "5s",
         "NGINX_HTML_ROOT": str(REPO / "nginx" / "html"),
+        "NGINX_TLS_PORT": "18443",
+        "NGINX_TLS_CERTIFICATE": str(dev_certificate_dir() / "server.crt"),
+        "NGINX_TLS_CERTIFICATE_KEY": str(dev_certificate_dir() / "server.key"),
+        "NGINX_HTTPS_REDIRECT": "off",
+        "NGINX_HSTS_MAX_AGE": "0",
         # Not NGINX_*: must survive rendering untouched even though it is set.
         "host": "must-not-be-substituted",
     }

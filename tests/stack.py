@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 BASE_URL = os.environ.get("STACK_BASE_URL", "http://127.0.0.1:8080").rstrip("/")
 WS_BASE_URL = "ws" + BASE_URL[len("http"):]
+# nginx's TLS port, and the CA its certificate is signed by (make test: the development CA).
+TLS_BASE_URL = os.environ.get("STACK_TLS_BASE_URL", "https://127.0.0.1:8443").rstrip("/")
+WSS_BASE_URL = "wss" + TLS_BASE_URL[len("https"):]
+TLS_CA_FILE = os.environ.get("STACK_TLS_CA_FILE", ".run/tls/ca.crt")
 
 
 def nginx_seconds(value):

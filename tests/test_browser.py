@@ -14,7 +14,7 @@ pytest.register_assert_rewrite("browser_support")  # before the import below, wh
 from browser_support import expect
 from chat_client import ChatClient, new_room
 from local_processes import running_nginx, start_app, stop, wait_healthy
-from stack import BASE_URL
+from stack import BASE_URL, TLS_BASE_URL
 
 pytest_plugins = ["browser_support"]
 pytestmark = pytest.mark.local
@@ -40,6 +40,22 @@ def test_echo_panel_uses_the_pages_own_host(open_page, backend):
     expect(demo.echo_log.first).to_have_text(f"{backend} ← hello from the browser")
     host = urllib.parse.urlsplit(BASE_URL).netloc
     assert demo.websockets[-1] == f"ws://{host}/{backend}/ws/echo"
+    demo.assert_clean()
+
+
+def test_page_over_https_opens_its_websockets_with_wss(open_page, backend):
+    # Chromium does not know the development CA; the Python TLS tests check the certificate.
+    demo = open_page(TLS_BASE_URL + "/", ignore_https_errors=True)
+    demo.choose_backend(backend)
+    demo.echo("hello over https")
+    expect(demo.echo_log.first).to_have_text(f"{backend} ← hello over https")
+    demo.join(new_room(), "tls-user")
+    demo.say("chat over wss")
+    expect(demo.texts).to_have_text(["chat over wss"])
+    host = urllib.parse.urlsplit(TLS_BASE_URL).netloc
+    assert f"wss://{host}/{backend}/ws/echo" in demo.websockets, demo.websockets
+    assert demo.chat_urls() and all(url.startswith(f"wss://{host}/{backend}/ws/chat?") for url in demo.chat_urls())
+    assert all(url.startswith("wss://") for url in demo.websockets), demo.websockets
     demo.assert_clean()
 
 

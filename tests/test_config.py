@@ -1,5 +1,4 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -8,16 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo import REPO
+from repo import REPO, load_stack_module
 
 pytestmark = pytest.mark.local
-
-
-def load_stack_module():
-    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def dockerfile_cmd(service):
@@ -113,7 +105,9 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert compose_defaults["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
     assert stack.DEFAULTS["NGINX_SEND_TIMEOUT"] == nginx_env["NGINX_SEND_TIMEOUT"] == compose_defaults["NGINX_SEND_TIMEOUT"]
     assert stack.DEFAULTS["NGINX_PORT"] == nginx_env["NGINX_PORT"] == compose_defaults["NGINX_PORT"]
-    for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
+    for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST",
+                 "NGINX_TLS_PORT", "NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY", "NGINX_HTTPS_REDIRECT",
+                 "NGINX_HSTS_MAX_AGE"):
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
     # nginx must outlast the pings by default, not only in the tests' shortened setup.
     assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])

@@ -24,9 +24,9 @@ APPS = ["uwsgi-app", "flask-app"]
 def stack_env(tmp_path, **overrides):
     env = dict(os.environ)
     env.update(
-        NGINX_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()), LOCAL_FLASK_APP_PORT=str(free_port()),
-        LOCAL_REDIS_PORT=str(free_port()), LOCAL_DNS_PORT=str(free_port()), LOCAL_RUN_DIR=str(tmp_path / "run"),
-        UWSGI_WORKER_RELOAD_MERCY="3",
+        NGINX_PORT=str(free_port()), NGINX_TLS_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()),
+        LOCAL_FLASK_APP_PORT=str(free_port()), LOCAL_REDIS_PORT=str(free_port()), LOCAL_DNS_PORT=str(free_port()),
+        LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
     )
     env.update(overrides)
     return env

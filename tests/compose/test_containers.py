@@ -5,9 +5,11 @@ as, what the healthchecks say, and how nginx addresses the apps.
 """
 import json
 import os
+import ssl
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -103,6 +105,18 @@ def test_nginx_is_published_on_loopback_only():
     bindings = inspect("nginx")["HostConfig"]["PortBindings"]["8080/tcp"]
     assert [binding["HostIp"] for binding in bindings] == ["127.0.0.1"]
     assert http_get("/healthz").status == 200
+
+
+def test_nginx_tls_port_is_published_on_loopback_with_the_volumes_development_ca():
+    port = os.environ.get("NGINX_TLS_PORT", "8443")
+    bindings = inspect("nginx")["HostConfig"]["PortBindings"][f"{port}/tcp"]
+    assert [binding["HostIp"] for binding in bindings] == ["127.0.0.1"]
+    # The CA the entrypoint made in the tls-dev volume, as a user would fetch it (docker compose cp).
+    ca = subprocess.run(["podman", "exec", container("nginx"), "cat", "/etc/nginx/tls/ca.crt"],
+                        capture_output=True, text=True, check=True).stdout
+    context = ssl.create_default_context(cadata=ca)
+    with urllib.request.urlopen(f"https://localhost:{port}/healthz", context=context, timeout=10) as response:
+        assert response.status == 200
 
 
 @pytest.mark.parametrize("service", ["uwsgi-app", "flask-app", "tests"])
