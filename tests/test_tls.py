@@ -314,7 +314,7 @@ def test_container_start_keeps_a_given_certificate_and_makes_none(tmp_path):
 
 
 INVALID_TLS_SETTINGS = [
-    ({"NGINX_TLS_PORT": "abc"}, "NGINX_TLS_PORT='abc' is not a TCP port"),
+    ({"NGINX_TLS_PORT": "abc"}, "NGINX_TLS_PORT='abc' is not a port number"),
     ({"NGINX_TLS_PORT": "21999", "NGINX_PORT": "21999"}, "NGINX_TLS_PORT must differ from NGINX_PORT"),
     ({"NGINX_TLS_CERTIFICATE": "/etc/hostname"}, "NGINX_TLS_CERTIFICATE_KEY is missing"),
     ({"NGINX_TLS_CERTIFICATE": "/etc/hostname", "NGINX_TLS_CERTIFICATE_KEY": "/nonexistent.key"},
