@@ -1,8 +1,14 @@
 #!/bin/sh
 # TEST INFRASTRUCTURE: the official nginx image's entrypoint, reduced to what this project
-# uses: render the templates (same script as local mode) when starting nginx.
+# uses: render the templates (same script as local mode) when starting nginx. Like the
+# official 20-envsubst script, it renders only when the output directory is writable (as
+# root, or as a non-root user on a writable mount) and otherwise says so and goes on.
 set -eu
 if [ "${1:-}" = "nginx" ] && [ -d /etc/nginx/templates ]; then
-    render-nginx-templates.sh /etc/nginx/templates /etc/nginx/conf.d
+    if [ -w /etc/nginx/conf.d ]; then
+        render-nginx-templates.sh /etc/nginx/templates /etc/nginx/conf.d
+    else
+        echo "$0: ERROR: /etc/nginx/templates exists, but /etc/nginx/conf.d is not writable" >&2
+    fi
 fi
 exec "$@"
