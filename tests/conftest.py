@@ -5,7 +5,8 @@ STACK_TLS_BASE_URL             nginx's TLS port, e.g. https://127.0.0.1:8443 or 
 STACK_TLS_CA_FILE              the CA that signed nginx's certificate (the only one the TLS tests trust)
 STACK_MODE                     "local" (make test) runs the @pytest.mark.local tests too;
                                "compose" (make test-compose, on the host) the
-                               @pytest.mark.compose ones; the tests container skips both
+                               @pytest.mark.compose ones; "container" (the tests container)
+                               skips both and runs the @pytest.mark.container ones
 NGINX_PROXY_READ_TIMEOUT       the stack's setting, so idle tests hold longer than it
 UWSGI_WEBSOCKETS_PING_FREQ     the stack's setting
 """
@@ -25,11 +26,14 @@ MODE = os.environ.get("STACK_MODE", "local")
 def pytest_collection_modifyitems(config, items):
     skip_local = pytest.mark.skip(reason="needs the repository checkout and local tools (STACK_MODE=local)")
     skip_compose = pytest.mark.skip(reason="inspects the podman compose stack (make test-compose, STACK_MODE=compose)")
+    skip_container = pytest.mark.skip(reason="inspects the tests container from inside (STACK_MODE=container)")
     for item in items:
         if "local" in item.keywords and MODE != "local":
             item.add_marker(skip_local)
         if "compose" in item.keywords and MODE != "compose":
             item.add_marker(skip_compose)
+        if "container" in item.keywords and MODE != "container":
+            item.add_marker(skip_container)
 
 
 @pytest.fixture(params=["uwsgi", "flask"])

@@ -61,13 +61,22 @@ def test_apps_start_the_same_program_with_the_same_config_in_both_modes(app, loc
     assert container_to_repo(app, "/srv/stack/common/uwsgi-base.ini") == REPO / "common" / "uwsgi-base.ini"
 
 
+def nginx_options(argv):
+    """nginx's command line as {option: value}; every option it takes here has a value."""
+    assert argv[0].endswith("nginx") and len(argv) % 2 == 1
+    return dict(zip(argv[1::2], argv[2::2]))
+
+
 def test_nginx_runs_the_same_main_config_and_templates_in_both_modes(local_services):
-    assert dockerfile_cmd("nginx") == ["nginx"]  # default config: /etc/nginx/nginx.conf
-    assert container_to_repo("nginx", "/etc/nginx/nginx.conf") == REPO / "nginx" / "nginx.conf"
+    container = nginx_options(dockerfile_cmd("nginx"))
+    local = nginx_options(local_services["nginx"].argv)
+    # Same options; only the prefix (pid, temporary files) differs: the container's is its tmpfs.
+    assert set(container) == set(local) == {"-e", "-p", "-c"}
+    assert container["-e"] == local["-e"] == "stderr"
+    assert container["-p"] == "/tmp/" and local["-p"].endswith("/")
+    assert container_to_repo("nginx", container["-c"]) == REPO / "nginx" / "nginx.conf"
     assert container_to_repo("nginx", "/etc/nginx/templates/") == REPO / "nginx" / "templates/"
-    argv = local_services["nginx"].argv
-    assert argv[0] == "nginx"
-    local_conf = type(REPO)(argv[argv.index("-c") + 1])
+    local_conf = type(REPO)(local["-c"])
     assert local_conf.resolve() == REPO / "nginx" / "nginx.conf"
     rendered = (local_conf.parent / "conf.d" / "default.conf").read_text()
     # Both modes reach the apps by service name, resolved at request time: locally through the

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # TEST INFRASTRUCTURE: what `make test-compose` needs beyond `make test`: podman (runc, CNI
-# with the dnsname plugin so containers find each other by service name), debootstrap for
-# the stand-in base images, and podman-compose in .venv. Installs only what is missing.
+# with the dnsname plugin so containers find each other by service name, catatonit as the
+# containers' init), debootstrap for the stand-in base images, and podman-compose in .venv.
+# Installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 
@@ -10,6 +11,8 @@ command -v podman >/dev/null || packages+=(podman)
 command -v runc >/dev/null || packages+=(runc)
 command -v debootstrap >/dev/null || packages+=(debootstrap)
 [ -x /usr/lib/cni/dnsname ] || packages+=(golang-github-containernetworking-plugin-dnsname)
+# podman's init for the services with `init: true` (Docker ships its own, docker-init)
+[ -x /usr/libexec/podman/catatonit ] || packages+=(catatonit)
 if [ ${#packages[@]} -gt 0 ]; then
     echo "compose bootstrap: installing Debian packages: ${packages[*]}"
     sudo=""

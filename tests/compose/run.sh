@@ -7,7 +7,8 @@
 #   2. stand-in base images, wheelhouse, build every image (--network=none)
 #   3. start the services in dependency order, each gated on its own healthcheck (up.py)
 #   4. run the integration suite in the tests container against nginx by service name
-#   5. check the running containers from the host (users, health, routing)
+#   5. check the running containers from the host (users, privileges, read-only filesystems,
+#      limits, health, routing), then stop the apps and check their graceful stop
 #   6. tear everything down (also on failure) and check nothing is left
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -33,8 +34,16 @@ eval "$(tests/compose/build-standins.sh)"
 export PYTHON_IMAGE NGINX_IMAGE REDIS_IMAGE
 make --no-print-directory wheelhouse >"$log_dir/wheelhouse.log" 2>&1 || { cat "$log_dir/wheelhouse.log" >&2; exit 1; }
 
+# Run options, for what podman 4.3 does differently from Docker:
+#  --read-only-tmpfs=false: no tmpfs of podman's own on /tmp, /run and /var/tmp of a read_only
+#    container (Docker adds none): only the compose file's tmpfs are writable, as with Docker;
+#  --ulimit: containers.conf's default_ulimits, restated, because podman drops them once a
+#    service sets ulimits of its own and then asks for limits above this machine's.
+# Exported: the host checks recreate a container with the same options.
+export COMPOSE_TEST_PODMAN_RUN_ARGS="--read-only-tmpfs=false --ulimit=nofile=20000:20000 --ulimit=nproc=1024:1024"
 compose=(.venv/bin/podman-compose -f docker-compose.yml -p "$project" --profile test
-         --podman-build-args "--network=none --build-arg=PIP_NO_INDEX=1")
+         --podman-build-args "--network=none --build-arg=PIP_NO_INDEX=1"
+         "--podman-run-args=$COMPOSE_TEST_PODMAN_RUN_ARGS")
 
 images() {
     .venv/bin/python -c 'import sys, yaml; print("\n".join(s["image"] for s in yaml.safe_load(open(sys.argv[1]))["services"].values() if "build" in s))' docker-compose.yml
@@ -87,7 +96,9 @@ if [ "$status" -eq 5 ]; then
     status=1
 fi
 
-echo "test-compose: container checks, from the host"
+echo "test-compose: container checks, then the apps' graceful stop, from the host"
+# In this order: test_stop.py stops the apps.
 COMPOSE_TEST_PROJECT=$project STACK_MODE=compose STACK_BASE_URL="http://127.0.0.1:$NGINX_PORT" \
-    .venv/bin/python -m pytest -c tests/pytest.ini -m compose tests/compose || status=1
+    .venv/bin/python -m pytest -c tests/pytest.ini -m compose tests/compose/test_containers.py \
+    tests/compose/test_stop.py || status=1
 exit "$status"

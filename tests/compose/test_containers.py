@@ -1,10 +1,12 @@
 """The running compose stack, inspected from the host (make test-compose only).
 
 What the black-box suite in the tests container cannot see: which users the processes run
-as, what the healthchecks say, and how nginx addresses the apps.
+as with which privileges, what they can write, which limits the engine applied, what the
+healthchecks say, and how nginx addresses the apps.
 """
 import json
 import os
+import re
 import ssl
 import subprocess
 import sys
@@ -23,6 +25,8 @@ pytestmark = pytest.mark.compose
 
 PROJECT = os.environ.get("COMPOSE_TEST_PROJECT", "websockets-behind-nginx-test")
 APP_UID = 10001
+# The running services and their users (tests/test_hardening.py checks the same in the files).
+UIDS = {"nginx": 101, "uwsgi-app": APP_UID, "flask-app": APP_UID, "redis": 999}
 
 
 def container(service):
@@ -34,8 +38,17 @@ def inspect(service):
     return json.loads(out)[0]
 
 
-def process_tree(pid):
-    """The container's main process and all its descendants, as {pid: uid}."""
+def compose_service(service):
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"][service]
+
+
+def proc_status(pid):
+    """/proc/PID/status as {field: value}."""
+    lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    return dict(line.split(":\t", 1) for line in lines if ":\t" in line)
+
+
+def children_by_parent():
     children = {}
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
@@ -44,13 +57,22 @@ def process_tree(pid):
             except (OSError, IndexError):
                 continue
             children.setdefault(ppid, []).append(int(proc.name))
+    return children
+
+
+def process_tree(pid):
+    """The container's main process and all its descendants, as {pid: uid}."""
+    children = children_by_parent()
     tree, todo = {}, [pid]
     while todo:
         current = todo.pop()
-        status = Path(f"/proc/{current}/status").read_text()
-        tree[current] = int(next(line for line in status.splitlines() if line.startswith("Uid:")).split()[1])
+        tree[current] = int(proc_status(current)["Uid"].split()[0])
         todo.extend(children.get(current, []))
     return tree
+
+
+def main_pid(service):
+    return inspect(service)["State"]["Pid"]
 
 
 @pytest.mark.parametrize("service", ["uwsgi-app", "flask-app"])
@@ -60,24 +82,79 @@ def test_every_app_process_runs_as_the_app_user(service):
     assert set(tree.values()) == {APP_UID}
 
 
-def test_redis_runs_as_a_non_root_user():
-    assert 0 not in process_tree(inspect("redis")["State"]["Pid"]).values()
+@pytest.mark.parametrize("service", sorted(UIDS))
+def test_every_process_is_unprivileged(service):
+    # nginx's master included (unprivileged style): no process of any service is root, holds a
+    # capability, or could gain either through a setuid binary.
+    for pid in process_tree(main_pid(service)):
+        status = proc_status(pid)
+        assert set(map(int, status["Uid"].split())) == {UIDS[service]}, (pid, status["Uid"])
+        assert 0 not in set(map(int, status["Gid"].split())), (pid, status["Gid"])
+        for capabilities in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"):
+            assert int(status[capabilities], 16) == 0, (pid, capabilities, status[capabilities])
+        assert status["NoNewPrivs"] == "1", pid
 
 
-def test_nginx_workers_are_not_root():
-    # The official image's layout: a root master that binds and reads config, unprivileged workers.
-    main = inspect("nginx")["State"]["Pid"]
-    workers = {pid: uid for pid, uid in process_tree(main).items() if pid != main}
-    assert workers
-    assert 0 not in workers.values()
+def mounts(pid):
+    """(root within its filesystem, mount point, mount options, filesystem type) per mount."""
+    rows = []
+    for line in Path(f"/proc/{pid}/mountinfo").read_text().splitlines():
+        fields, _, tail = line.partition(" - ")
+        fields = fields.split()
+        rows.append((fields[3], fields[4], fields[5].split(","), tail.split()[0]))
+    return rows
+
+
+@pytest.mark.parametrize("service", sorted(UIDS))
+def test_root_filesystem_is_read_only_with_tmpfs_only_where_declared(service):
+    table = mounts(main_pid(service))
+    assert "ro" in next(options for _, point, options, _ in table if point == "/")
+    # Fresh tmpfs mounts outside the kernel's own (/dev, /proc, /sys): exactly the compose file's.
+    # run.sh turns off podman's extra /tmp, /run, /var/tmp (Docker has none), so none hide here.
+    tmpfs = {point for root, point, _, fstype in table
+             if fstype == "tmpfs" and root == "/" and not point.startswith(("/dev", "/proc", "/sys"))}
+    assert tmpfs == {entry.split(":")[0] for entry in compose_service(service).get("tmpfs", [])}
+    # Even root in the container (still without capabilities) cannot write to the image.
+    write = subprocess.run(["podman", "exec", "--user", "0", container(service), "sh", "-c", "echo x >/probe"],
+                           capture_output=True, text=True)
+    assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+
+
+@pytest.mark.parametrize("service", sorted(UIDS))
+def test_the_engine_applied_the_compose_limits(service):
+    configured, host = compose_service(service), inspect(service)["HostConfig"]
+    number, unit = configured["mem_limit"][:-1], configured["mem_limit"][-1]
+    assert host["Memory"] == int(number) * {"k": 1024, "m": 1024**2, "g": 1024**3}[unit]
+    assert host["NanoCpus"] == round(float(configured["cpus"]) * 1e9)
+    assert host["PidsLimit"] == configured["pids_limit"]
+    assert host["ReadonlyRootfs"] is True
+    assert host.get("Init", False) is configured.get("init", False)  # podman omits it when false
+    # The kernel's view of the open-files limit (nginx's worker_rlimit_nofile needs it).
+    if "ulimits" in configured:
+        limits = Path(f"/proc/{main_pid(service)}/limits").read_text()
+        soft, hard = re.search(r"^Max open files\s+(\d+)\s+(\d+)", limits, re.M).groups()
+        nofile = configured["ulimits"]["nofile"]
+        assert (int(soft), int(hard)) == (nofile["soft"], nofile["hard"])
+
+
+@pytest.mark.parametrize("service", sorted(UIDS))
+def test_an_init_is_pid_1_exactly_where_declared(service):
+    main = main_pid(service)
+    command = Path(f"/proc/{main}/comm").read_text().strip()
+    children = children_by_parent().get(main, [])
+    if compose_service(service).get("init"):
+        # the init forwards the stop signal to the service's program, its only child
+        assert len(children) == 1
+        assert Path(f"/proc/{children[0]}/comm").read_text().strip() != command
+    else:
+        assert command in ("nginx", "redis-server")
 
 
 @pytest.mark.parametrize("service", ["nginx", "uwsgi-app", "flask-app", "redis"])
 def test_healthcheck_passes_in_the_running_container(service):
     # The container carries the compose file's healthcheck, and its command passes in there.
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     configured = inspect(service)["Config"]["Healthcheck"]
-    assert configured["Test"] == compose["services"][service]["healthcheck"]["test"]
+    assert configured["Test"] == compose_service(service)["healthcheck"]["test"]
     passed, result = run_check(container(service), check_argv(configured["Test"]), timeout=10)
     assert passed, result
 
@@ -119,14 +196,14 @@ def test_nginx_tls_port_is_published_on_loopback_with_the_volumes_development_ca
         assert response.status == 200
 
 
-@pytest.mark.parametrize("service", ["uwsgi-app", "flask-app", "tests"])
+@pytest.mark.parametrize("service", ["nginx", "uwsgi-app", "flask-app", "tests"])
 def test_project_images_declare_the_non_root_user(service):
-    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     user = subprocess.run(
-        ["podman", "image", "inspect", "--format", "{{.Config.User}}", compose["services"][service]["image"]],
+        ["podman", "image", "inspect", "--format", "{{.Config.User}}", compose_service(service)["image"]],
         capture_output=True, text=True, check=True,
     ).stdout.strip()
-    assert user == f"{APP_UID}:{APP_UID}"
+    uid = UIDS.get(service, APP_UID)
+    assert user == f"{uid}:{uid}"
 
 
 def address(service):
@@ -141,7 +218,8 @@ def test_zz_nginx_follows_a_recreated_app_to_its_new_address():
     old_address = address("uwsgi-app")
     subprocess.run(["podman", "rm", "--force", "--time", "20", container("uwsgi-app")], check=True, capture_output=True)
     subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
-                    "-p", PROJECT, "up", "-d", "--no-deps", "uwsgi-app"], check=True, capture_output=True)
+                    "-p", PROJECT, f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
+                    "up", "-d", "--no-deps", "uwsgi-app"], check=True, capture_output=True)
     assert address("uwsgi-app") != old_address  # podman's IPAM hands out the next free address
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     wait_healthy(container("uwsgi-app"), compose["services"]["uwsgi-app"]["healthcheck"])
