@@ -41,6 +41,7 @@ DEFAULTS = {
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
+    "NGINX_STATUS_PORT": "8081",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
@@ -49,10 +50,22 @@ DEFAULTS = {
     "LOCAL_STOP_TIMEOUT": "20",
     "LOCAL_REPLICAS": "1",
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
+    # internal only (README "Observability"): each app's /metrics socket and uWSGI stats server
+    "LOCAL_UWSGI_APP_METRICS_PORT": "9001",
+    "LOCAL_FLASK_APP_METRICS_PORT": "9002",
+    "LOCAL_UWSGI_APP_STATS_PORT": "9011",
+    "LOCAL_FLASK_APP_STATS_PORT": "9012",
 }
 REPLICA_PORT_STEP = 100
 MAX_REPLICAS = 8
-PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT")
+INTERNAL_PORT_SETTINGS = ("NGINX_STATUS_PORT", "LOCAL_UWSGI_APP_METRICS_PORT", "LOCAL_FLASK_APP_METRICS_PORT",
+                          "LOCAL_UWSGI_APP_STATS_PORT", "LOCAL_FLASK_APP_STATS_PORT")
+PORT_SETTINGS = ("NGINX_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT") + INTERNAL_PORT_SETTINGS
+# per app: its public port setting, then its internal ones; every replica adds 100 to each
+APP_PORT_SETTINGS = {
+    "uwsgi-app": ("LOCAL_UWSGI_APP_PORT", "LOCAL_UWSGI_APP_METRICS_PORT", "LOCAL_UWSGI_APP_STATS_PORT"),
+    "flask-app": ("LOCAL_FLASK_APP_PORT", "LOCAL_FLASK_APP_METRICS_PORT", "LOCAL_FLASK_APP_STATS_PORT"),
+}
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
@@ -222,13 +235,15 @@ def build_services(settings, instance_id):
             base_env, REPO, redis_ready(redis_port),
         )
     ]
-    for app, port_setting in (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT")):
-        for replica, port in enumerate(replica_ports(settings, port_setting), start=1):
+    for app, (port_setting, metrics_setting, stats_setting) in APP_PORT_SETTINGS.items():
+        replicas = zip(*(replica_ports(settings, name) for name in (port_setting, metrics_setting, stats_setting)))
+        for replica, (port, metrics_port, stats_port) in enumerate(replicas, start=1):
             services.append(
                 Service(
                     app if replica == 1 else f"{app}-{replica}",
                     [str(bin_dir / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")],
-                    dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}"), REPO,
+                    dict(base_env, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", METRICS_HTTP_SOCKET=f"127.0.0.1:{metrics_port}",
+                         UWSGI_STATS=f"127.0.0.1:{stats_port}"), REPO,
                     lambda port=port: probe.probe(f"http://127.0.0.1:{port}"),
                     is_app=True,
                 )
@@ -304,10 +319,12 @@ class Stack:
 def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
+    yield "NGINX_STATUS_PORT", int(settings["NGINX_STATUS_PORT"]), settings["NGINX_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
-    for name in ("LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT"):
-        for port in replica_ports(settings, name):
-            yield name, port, "127.0.0.1"
+    for names in APP_PORT_SETTINGS.values():
+        for name in names:
+            for port in replica_ports(settings, name):
+                yield name, port, "127.0.0.1"
 
 
 def check_ports_free(settings):

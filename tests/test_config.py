@@ -1,5 +1,4 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
-import importlib.util
 import re
 import shlex
 import subprocess
@@ -8,16 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from repo import REPO
+from repo import REPO, load_stack_module
 
 pytestmark = pytest.mark.local
-
-
-def load_stack_module():
-    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def dockerfile_cmd(service):

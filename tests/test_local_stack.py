@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from local_processes import start_app, wait_healthy
-from repo import REPO, VENV_BIN, free_port
+from repo import REPO, VENV_BIN, free_port, load_stack_module
 
 pytestmark = pytest.mark.local
 
@@ -26,6 +26,7 @@ def stack_env(tmp_path, **overrides):
     env.update(
         NGINX_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()), LOCAL_FLASK_APP_PORT=str(free_port()),
         LOCAL_REDIS_PORT=str(free_port()), LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
+        **{name: str(free_port()) for name in load_stack_module().INTERNAL_PORT_SETTINGS},
     )
     env.update(overrides)
     return env
