@@ -266,6 +266,18 @@ def test_uwsgi_stats_servers_answer_json_on_their_internal_ports(internal):
         assert len(stats["workers"]) == internal["processes"]
 
 
+@pytest.mark.local
+def test_compose_publishes_no_internal_port():
+    import yaml
+
+    from repo import REPO
+
+    services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+    published = {name: service.get("ports", []) for name, service in services.items() if service.get("ports")}
+    assert list(published) == ["nginx"]
+    assert [port.rsplit(":", 1)[1] for port in published["nginx"]] == ["8080"]  # NGINX_PORT only, not 8081
+
+
 # --- apps of the test's own ---------------------------------------------------------------------------------------
 
 def own_app(app, tmp_path, **env):
