@@ -52,6 +52,7 @@ def processes_of(instance_id):
         ({"NGINX_PROXY_READ_TIMEOUT": "10s", "UWSGI_WEBSOCKETS_PING_FREQ": "20"}, "must exceed UWSGI_WEBSOCKETS_PING_FREQ"),
         ({"NGINX_PROXY_READ_TIMEOUT": "soon"}, "not an nginx time"),
         ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a TCP port"),
+        ({"NGINX_STATUS_PORT": "status"}, "NGINX_STATUS_PORT='status' is not a TCP port"),
         ({"NGINX_HOST": "192.0.2.1"}, "NGINX_HOST must be a loopback address"),
         ({"LOCAL_STOP_TIMEOUT": "0"}, "LOCAL_STOP_TIMEOUT='0' must be a whole number"),
     ],
@@ -93,6 +94,7 @@ def eventfds(pid):
 
 @pytest.mark.parametrize("variable, value", [
     ("UWSGI_PROCESSES", "two"), ("UWSGI_WEBSOCKETS_PING_FREQ", "0"), ("UWSGI_HTTP_SOCKET", "8000"),
+    ("METRICS_HTTP_SOCKET", "9000"), ("UWSGI_STATS", "127.0.0.1:stats"),
 ])
 def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
     env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}")

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -311,6 +312,19 @@ def test_metrics_answer_on_the_metrics_socket_only_and_only_metrics(app, tmp_pat
         assert status_of(app_url + "/metrics", Host=metrics_url.split("//")[1], **{"X-Forwarded-Port": "1"}) == 404
 
 
+@pytest.mark.local
+def test_app_refuses_a_metrics_socket_on_its_public_port():
+    from repo import REPO, VENV_BIN, free_port
+
+    port = free_port()  # same port, other address: every request would look internal
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}", METRICS_HTTP_SOCKET=f"127.0.0.2:{port}")
+    result = subprocess.run([str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "uwsgi-app" / "uwsgi.ini")],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert ("startup check failed: UWSGI_HTTP_SOCKET, METRICS_HTTP_SOCKET must use different ports"
+            in result.stdout + result.stderr)
+
+
 def worker_pids(stats_url):
     return {worker["pid"] for worker in json.loads(fetch(stats_url)[2])["workers"] if worker["pid"]}
 
@@ -332,6 +346,10 @@ def test_counters_are_shared_by_workers_and_a_dead_workers_connections_stop_coun
                 opened += 1
             except InvalidStatus as exc:
                 assert exc.response.status_code == 503
+        # The client has its 101 a moment before the server counts the connection.
+        deadline = time.monotonic() + 10
+        while open_connections(parse(fetch(url)[2])) != 2 and time.monotonic() < deadline:
+            time.sleep(0.05)  # poll interval
         # Every scrape is a new connection that any worker may take; all must agree.
         texts = set()
         before = {w["id"]: w["requests"] for w in json.loads(fetch(stats_url)[2])["workers"]}
@@ -363,7 +381,9 @@ def test_a_full_worker_counts_its_503_refusals(app, tmp_path):
     running, metrics_url = own_app(app, tmp_path, UWSGI_PROCESSES="1", WS_MAX_CONNECTIONS_PER_WORKER="1",
                                    UWSGI_GEVENT="10")
     with running as app_url:
-        with connect(app_url.replace("http", "ws") + "/ws/echo", **NO_CLIENT_PINGS):
+        with connect(app_url.replace("http", "ws") + "/ws/echo", **NO_CLIENT_PINGS) as ws:
+            ws.send("x")
+            assert ws.recv(timeout=5) == "x"  # an echo: the server has counted this connection
             for _ in range(3):
                 with pytest.raises(InvalidStatus) as refused:
                     connect(app_url.replace("http", "ws") + "/ws/echo")
