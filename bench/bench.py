@@ -93,7 +93,9 @@ class Stack:
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
                    LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
                    UWSGI_PROCESSES=str(PER_APP_WORKERS), UWSGI_GEVENT=str(cores),
-                   WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100))
+                   WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100),
+                   # the internal status, metrics and stats ports: free ones too, never the defaults
+                   **{name: str(free_port()) for name in stack_runner.INTERNAL_PORT_SETTINGS})
         self.stack_env = env
         log = open(self.run_dir / "stack.log", "w")
         stack = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=env, stdout=subprocess.PIPE,
@@ -122,6 +124,7 @@ class Stack:
         env = {k: v for k, v in self.stack_env.items() if not k.startswith("NGINX_")}
         env.update({k: v for k, v in self.stack_env.items() if k.startswith("NGINX_WS_")})
         env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(self.ports["reference_nginx"]),
+                   NGINX_STATUS_PORT=str(free_port()),
                    NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=upstream,
                    NGINX_FLASK_APP_UPSTREAM=upstream, NGINX_RESOLVER=f"127.0.0.1:{self.ports['dns']}",
                    NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),

@@ -9,13 +9,15 @@ import gevent
 from flask import Flask, Response
 
 from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
-from wsstack import chat, health, ratelimit
+from wsstack import chat, health, metrics, ratelimit
 
 APP_NAME = "flask-app"
 HUB = chat.Hub(health.REDIS_URL)
 
 app = Flask(__name__)
 websocket = GeventWebSocket(app)
+# GET /metrics on the internal socket (METRICS_HTTP_SOCKET) only; outermost, so no route sees it.
+app.wsgi_app = metrics.with_metrics_endpoint(APP_NAME, app.wsgi_app)
 
 
 @app.get("/healthz")
@@ -43,6 +45,7 @@ def chat_room(client):
     try:
         room, user, last_id = chat.parse_params(client.environ.get("QUERY_STRING", ""))
     except chat.InvalidParams as exc:
+        metrics.handshake_failed("chat_params")
         client.close(1008, str(exc).encode())
         return
     session = chat.Session(HUB, room, user, last_id, via="flask")

@@ -34,7 +34,8 @@ back-pressure: the package's middleware reads every message the socket has into 
 unbounded queue before the handler runs, so a client that sends faster than its handler
 (or its own reading) keeps up fills the worker's memory. At most MAX_BUFFERED messages now
 wait in either direction; beyond that the middleware stops reading the socket, and the
-client's sends wait in TCP instead.
+client's sends wait in TCP instead. It also counts refused handshakes and every message in
+and out, for the app's /metrics (wsstack.metrics).
 """
 import asyncio
 import sys
@@ -78,7 +79,7 @@ from gevent.queue import Queue  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
-from wsstack import capacity, http, uwsgi_options  # noqa: E402
+from wsstack import capacity, http, metrics, uwsgi_options  # noqa: E402
 
 uwsgi = flask_uwsgi_websocket.uwsgi
 
@@ -137,12 +138,12 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
         try:
             endpoint, args = self.websocket.url_map.bind_to_environ(environ).match()
         except WebsocketMismatch:
-            return http.respond(start_response, http.upgrade_required())
+            return capacity.refuse(start_response, "not_upgrade", http.upgrade_required())
         except HTTPException:
             return self.wsgi_app(environ, start_response)
         refusal = http.handshake_refusal(environ)
         if refusal:
-            return http.respond(start_response, refusal)
+            return capacity.refuse(start_response, *refusal)
         return capacity.upgrade(environ, start_response,
                                 lambda: self.serve(self.websocket.view_functions[endpoint], args, environ))
 
@@ -190,6 +191,7 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                     return
                 message, binary = item
                 (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
+                metrics.message_sent(binary)
         except OSError:
             client.connected = False
 
@@ -207,7 +209,9 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                 message = uwsgi.websocket_recv_nb()
                 if not message:  # b'' means "nothing more to read", never a message
                     return False
-                recv_queue.put(BinaryMessage(message) if uwsgi_options.last_message_is_binary() else message)
+                binary = uwsgi_options.last_message_is_binary()
+                metrics.message_received(binary)
+                recv_queue.put(BinaryMessage(message) if binary else message)
             return True
         except OSError:
             client.connected = False

@@ -51,6 +51,7 @@ DEFAULTS = {
     "NGINX_TLS_CERTIFICATE_KEY": "",
     "NGINX_HTTPS_REDIRECT": "off",
     "NGINX_HSTS_MAX_AGE": "0",
+    "NGINX_STATUS_PORT": "8081",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
@@ -60,11 +61,23 @@ DEFAULTS = {
     "LOCAL_STOP_TIMEOUT": "20",
     "LOCAL_REPLICAS": "1",
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
+    # internal only (README "Observability"): each app's /metrics socket and uWSGI stats server
+    "LOCAL_UWSGI_APP_METRICS_PORT": "9001",
+    "LOCAL_FLASK_APP_METRICS_PORT": "9002",
+    "LOCAL_UWSGI_APP_STATS_PORT": "9011",
+    "LOCAL_FLASK_APP_STATS_PORT": "9012",
 }
 MAX_REPLICAS = 8
+INTERNAL_PORT_SETTINGS = ("NGINX_STATUS_PORT", "LOCAL_UWSGI_APP_METRICS_PORT", "LOCAL_FLASK_APP_METRICS_PORT",
+                          "LOCAL_UWSGI_APP_STATS_PORT", "LOCAL_FLASK_APP_STATS_PORT")
 PORT_SETTINGS = ("NGINX_PORT", "NGINX_TLS_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT",
-                 "LOCAL_DNS_PORT")
-APPS = (("uwsgi-app", "LOCAL_UWSGI_APP_PORT"), ("flask-app", "LOCAL_FLASK_APP_PORT"))
+                 "LOCAL_DNS_PORT") + INTERNAL_PORT_SETTINGS
+# per app: its public port setting, then its internal ones; every replica has its own address
+APP_PORT_SETTINGS = {
+    "uwsgi-app": ("LOCAL_UWSGI_APP_PORT", "LOCAL_UWSGI_APP_METRICS_PORT", "LOCAL_UWSGI_APP_STATS_PORT"),
+    "flask-app": ("LOCAL_FLASK_APP_PORT", "LOCAL_FLASK_APP_METRICS_PORT", "LOCAL_FLASK_APP_STATS_PORT"),
+}
+APPS = tuple((app, names[0]) for app, names in APP_PORT_SETTINGS.items())
 TLS_FILE_SETTINGS = ("NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY")
 NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
@@ -292,13 +305,15 @@ def build_services(settings, instance_id):
             base_env, REPO, redis_ready(redis_port),
         )
     ]
-    for app, port_setting in APPS:
+    for app, (port_setting, metrics_setting, stats_setting) in APP_PORT_SETTINGS.items():
         for replica, (host, port) in enumerate(replica_addresses(settings, port_setting), start=1):
+            metrics_port, stats_port = settings[metrics_setting], settings[stats_setting]
             services.append(
                 Service(
                     app if replica == 1 else f"{app}-{replica}",
                     [str(bin_dir / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")],
-                    dict(base_env, UWSGI_HTTP_SOCKET=f"{host}:{port}"), REPO,
+                    dict(base_env, UWSGI_HTTP_SOCKET=f"{host}:{port}", METRICS_HTTP_SOCKET=f"{host}:{metrics_port}",
+                         UWSGI_STATS=f"{host}:{stats_port}"), REPO,
                     lambda host=host, port=port: probe.probe(f"http://{host}:{port}"),
                     is_app=True,
                 )
@@ -377,11 +392,13 @@ def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
     yield "NGINX_TLS_PORT", int(settings["NGINX_TLS_PORT"]), settings["NGINX_HOST"]
+    yield "NGINX_STATUS_PORT", int(settings["NGINX_STATUS_PORT"]), settings["NGINX_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
     yield "LOCAL_DNS_PORT", int(settings["LOCAL_DNS_PORT"]), "127.0.0.1"
-    for _app, name in APPS:
-        for host, port in replica_addresses(settings, name):
-            yield name, port, host
+    for names in APP_PORT_SETTINGS.values():
+        for name in names:
+            for host, port in replica_addresses(settings, name):
+                yield name, port, host
 
 
 def check_ports_free(settings):

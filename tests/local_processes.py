@@ -93,15 +93,17 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     port = free_port()
     overrides.setdefault("NGINX_TLS_PORT", str(free_port()))
     prefix = render_nginx(
-        tmp_path, NGINX_PORT=str(port),
+        tmp_path, NGINX_PORT=str(port), NGINX_STATUS_PORT=str(free_port()),
         NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001'),
         NGINX_FLASK_APP_UPSTREAM=flask_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_FLASK_APP_PORT', '8002'),
         **overrides,
     )
-    # Its error log (stderr) goes to TMP_PATH/nginx.log, where tests can read what nginx saw.
-    with open(tmp_path / "nginx.log", "w") as log:
+    # Its error log (stderr) goes to TMP_PATH/nginx.log and its access log (stdout) to
+    # TMP_PATH/access.log, where tests can read what nginx saw.
+    with open(tmp_path / "nginx.log", "w") as log, open(tmp_path / "access.log", "w") as access_log:
         process = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
-                                   stdout=subprocess.DEVNULL, stderr=log)
+                                   stdout=access_log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
         while True:  # readiness: nginx answers (its /healthz needs the apps; any answer, a redirect too, will do)

@@ -38,6 +38,7 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_ENVSUBST_FILTER": "^NGINX_",
         "NGINX_HOST": "127.0.0.1",
         "NGINX_PORT": "18080",
+        "NGINX_STATUS_PORT": "18081",
         "NGINX_PROXY_READ_TIMEOUT": "60s",
         "NGINX_SEND_TIMEOUT": "10s",
         "NGINX_WS_CONNECTIONS_PER_IP": "1000",
@@ -62,6 +63,16 @@ def render_nginx(tmp_path, **overrides):
         env=env, check=True, capture_output=True, text=True,
     )
     return prefix
+
+
+def load_stack_module():
+    """scripts/stack.py (make run's runner) as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def free_port():

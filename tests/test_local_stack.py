@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from local_processes import start_app, wait_healthy
-from repo import REPO, VENV_BIN, free_port
+from repo import REPO, VENV_BIN, free_port, load_stack_module
 
 pytestmark = pytest.mark.local
 
@@ -27,6 +27,7 @@ def stack_env(tmp_path, **overrides):
         NGINX_PORT=str(free_port()), NGINX_TLS_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()),
         LOCAL_FLASK_APP_PORT=str(free_port()), LOCAL_REDIS_PORT=str(free_port()), LOCAL_DNS_PORT=str(free_port()),
         LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
+        **{name: str(free_port()) for name in load_stack_module().INTERNAL_PORT_SETTINGS},
     )
     env.update(overrides)
     return env
@@ -52,6 +53,7 @@ def processes_of(instance_id):
         ({"NGINX_PROXY_READ_TIMEOUT": "10s", "UWSGI_WEBSOCKETS_PING_FREQ": "20"}, "must exceed UWSGI_WEBSOCKETS_PING_FREQ"),
         ({"NGINX_PROXY_READ_TIMEOUT": "soon"}, "not an nginx time"),
         ({"NGINX_PORT": "80a"}, "NGINX_PORT='80a' is not a port number"),
+        ({"NGINX_STATUS_PORT": "status"}, "NGINX_STATUS_PORT='status' is not a port number"),
         ({"NGINX_HOST": "192.0.2.1"}, "NGINX_HOST must be a loopback address"),
         ({"LOCAL_STOP_TIMEOUT": "0"}, "LOCAL_STOP_TIMEOUT='0' must be a whole number"),
         ({"NGINX_RESOLVER_VALID": "500ms"}, "NGINX_RESOLVER_VALID must be at least 1s"),
@@ -105,6 +107,7 @@ def eventfds(pid):
 
 @pytest.mark.parametrize("variable, value", [
     ("UWSGI_PROCESSES", "two"), ("UWSGI_WEBSOCKETS_PING_FREQ", "0"), ("UWSGI_HTTP_SOCKET", "8000"),
+    ("METRICS_HTTP_SOCKET", "9000"), ("UWSGI_STATS", "127.0.0.1:stats"),
 ])
 def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
     env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}")

@@ -9,20 +9,21 @@ import gevent
 import uwsgi
 from gevent.event import Event
 
-from wsstack import capacity, chat, health, http, ratelimit, uwsgi_options
+from wsstack import capacity, chat, health, http, metrics, ratelimit, uwsgi_options
 
 APP_NAME = "uwsgi-app"
 HUB = chat.Hub(health.REDIS_URL)
 
 
 def accept(environ, start_response, on_open, refusal=None):
-    """The WebSocket handshake both routes share: refuse with an HTTP answer, or upgrade the
-    connection and run `on_open()` on it until the conversation ends."""
+    """The WebSocket handshake both routes share: refuse with an HTTP answer (`refusal`: the
+    route's own (reason, answer), if any), or upgrade the connection and run `on_open()` on it
+    until the conversation ends."""
     if not http.is_websocket_upgrade(environ):
-        return http.respond(start_response, http.upgrade_required())
+        return capacity.refuse(start_response, "not_upgrade", http.upgrade_required())
     refusal = http.handshake_refusal(environ) or refusal
     if refusal:
-        return http.respond(start_response, refusal)
+        return capacity.refuse(start_response, *refusal)
     return capacity.upgrade(environ, start_response, on_open)
 
 
@@ -36,6 +37,8 @@ def echo_messages(bucket):
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
             # and pings go out every websockets-ping-freq seconds while it waits.
             message = uwsgi.websocket_recv()
+            binary = uwsgi_options.last_message_is_binary()
+            metrics.message_received(binary)
             if not bucket.allow():
                 uwsgi.websocket_close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
                 return
@@ -43,10 +46,11 @@ def echo_messages(bucket):
             # A send to a reader that stopped reading waits at most socket-timeout seconds
             # (UWSGI_SOCKET_TIMEOUT), then fails and ends the connection; meanwhile only this
             # greenlet waits.
-            if uwsgi_options.last_message_is_binary():
+            if binary:
                 uwsgi.websocket_send_binary(message)
             else:
                 uwsgi.websocket_send(message)
+            metrics.message_sent(binary)
         except OSError:  # peer closed, pong timeout or write error: the connection is over
             return
 
@@ -55,7 +59,7 @@ def chat_room(environ, start_response):
     try:
         params = chat.parse_params(environ.get("QUERY_STRING", ""))
     except chat.InvalidParams as exc:
-        return accept(environ, start_response, None, refusal=http.bad_handshake(str(exc)))
+        return accept(environ, start_response, None, refusal=("chat_params", http.bad_handshake(str(exc))))
 
     def talk():
         session = chat.Session(HUB, *params, via="uwsgi")
@@ -79,7 +83,7 @@ def converse(session):
     bucket = ratelimit.TokenBucket()
     try:
         for text in session.start():
-            uwsgi.websocket_send(text.encode())
+            send_text(text)
         while True:
             gevent.wait([readable, session.wakeup], count=1, timeout=uwsgi_options.ping_interval())
             readable.clear()
@@ -88,13 +92,15 @@ def converse(session):
                 payload = uwsgi.websocket_recv_nb()
                 if not payload:  # b'': nothing more to read
                     break
+                binary = uwsgi_options.last_message_is_binary()
+                metrics.message_received(binary)
                 if not bucket.allow():
                     raise chat.Close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON.decode())
-                reply = session.incoming(payload, binary=uwsgi_options.last_message_is_binary())
+                reply = session.incoming(payload, binary=binary)
                 if reply:
-                    uwsgi.websocket_send(reply.encode())
+                    send_text(reply)
             for text in session.outgoing():
-                uwsgi.websocket_send(text.encode())
+                send_text(text)
     except chat.Close as close:
         try:
             uwsgi.websocket_close(close.code, close.reason.encode())
@@ -107,7 +113,12 @@ def converse(session):
         watcher.close()
 
 
-def application(environ, start_response):
+def send_text(text):
+    uwsgi.websocket_send(text.encode())
+    metrics.message_sent(binary=False)
+
+
+def route(environ, start_response):
     path = environ.get("PATH_INFO", "")
     if path == "/ws/echo":
         return echo(environ, start_response)
@@ -116,3 +127,7 @@ def application(environ, start_response):
     if path == "/healthz":
         return http.respond(start_response, health.report(APP_NAME))
     return http.respond(start_response, http.not_found())
+
+
+# GET /metrics on the internal socket (METRICS_HTTP_SOCKET) only; everything else goes to route().
+application = metrics.with_metrics_endpoint(APP_NAME, route)

@@ -16,7 +16,7 @@ start-up (need-app).
 import contextlib
 import os
 
-from wsstack import http
+from wsstack import http, metrics
 from wsstack.settings import whole_number
 from wsstack.uwsgi_options import gevent_cores
 
@@ -68,6 +68,12 @@ class Capacity:
 WORKER = Capacity(parse_limit(os.environ.get("WS_MAX_CONNECTIONS_PER_WORKER", "900"), gevent_cores()))
 
 
+def refuse(start_response, reason, answer):
+    """Answer a WebSocket handshake with an HTTP refusal, counted by `reason` (wsstack.metrics)."""
+    metrics.handshake_failed(reason)
+    return http.respond(start_response, answer)
+
+
 def upgrade(environ, start_response, on_open):
     """Take a slot of this worker, complete the WebSocket handshake and run `on_open()` until
     the conversation ends; a full worker answers 503 instead. Both apps' handshakes end here,
@@ -76,7 +82,13 @@ def upgrade(environ, start_response, on_open):
 
     with WORKER.slot() as granted:
         if not granted:
-            return http.respond(start_response, WORKER.refusal())
+            return refuse(start_response, "worker_full", WORKER.refusal())
         uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
-        on_open()
+        metrics.connection_opened()
+        try:
+            on_open()
+        finally:
+            # From the project's patch 0011; a stock uWSGI cannot say, and counts as no close frame.
+            close_status = getattr(uwsgi, "websocket_close_status", lambda: None)
+            metrics.connection_closed(close_status())
         return []

@@ -75,14 +75,15 @@ def origin_allowed(origin, environ, allowed=None):
 
 
 def handshake_refusal(environ, allowed=None):
-    """None when the upgrade request may proceed, else the (status, headers, body) answer."""
+    """None when the upgrade request may proceed, else (reason, answer): the reason is a
+    wsstack.metrics label, the answer a (status, headers, body)."""
     if not valid_key(environ.get("HTTP_SEC_WEBSOCKET_KEY", "")):
-        return bad_handshake("missing or malformed Sec-WebSocket-Key (16 bytes, base64)")
+        return "bad_key", bad_handshake("missing or malformed Sec-WebSocket-Key (16 bytes, base64)")
     if environ.get("HTTP_SEC_WEBSOCKET_VERSION") != "13":
-        return version_not_supported()
+        return "bad_version", version_not_supported()
     origin = environ.get("HTTP_ORIGIN")
     if origin is not None and not origin_allowed(origin, environ, allowed):
-        return forbidden_origin(origin)
+        return "origin", forbidden_origin(origin)
     return None
 
 

@@ -42,10 +42,15 @@ class StartupError(RuntimeError):
     pass
 
 
-def check_http_socket(value):
+# HOST:PORT settings; the metrics socket is told from the public one by its port
+SOCKET_VARIABLES = ("UWSGI_HTTP_SOCKET", "METRICS_HTTP_SOCKET", "UWSGI_STATS")
+
+
+def socket_port(name, value):
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
-        raise StartupError(f"UWSGI_HTTP_SOCKET must be HOST:PORT with a port from 1 to 65535, got {value!r}")
+        raise StartupError(f"{name} must be HOST:PORT with a port from 1 to 65535, got {value!r}")
+    return int(port)
 
 
 def check_environment(environ):
@@ -58,8 +63,9 @@ def check_environment(environ):
             raise StartupError(f"{name} must be a whole number, got {raw!r}")
         if int(raw) < minimum:
             raise StartupError(f"{name} must be at least {minimum}, got {raw!r}")
-    if "UWSGI_HTTP_SOCKET" in environ:
-        check_http_socket(environ["UWSGI_HTTP_SOCKET"])
+    ports = {name: socket_port(name, environ[name]) for name in SOCKET_VARIABLES if name in environ}
+    if len(set(ports.values())) != len(ports):
+        raise StartupError(f"{', '.join(ports)} must use different ports, got {ports}")
 
 
 def parent_uwsgi_binary():
