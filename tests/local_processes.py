@@ -103,7 +103,6 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     with open(tmp_path / "nginx.log", "w") as log, open(tmp_path / "access.log", "w") as access_log:
         process = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
                                    stdout=access_log, stderr=log)
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 10
         while True:  # readiness: nginx answers (its /healthz needs the apps; any answer, a redirect too, will do)

@@ -11,12 +11,17 @@ VENV_BIN = Path(sys.executable).parent
 DOCKERFILES = sorted(REPO.glob("*/Dockerfile"))
 
 
-def load_stack_module():
-    """scripts/stack.py, the local process runner, as a module."""
-    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
+def load_script(name):
+    """scripts/NAME.py as a module (scripts/ is not a package, and is not in the tests image)."""
+    spec = importlib.util.spec_from_file_location(f"scripts_{name}", REPO / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def load_stack_module():
+    """scripts/stack.py, the local process runner, as a module."""
+    return load_script("stack")
 
 
 @functools.cache
@@ -63,16 +68,6 @@ def render_nginx(tmp_path, **overrides):
         env=env, check=True, capture_output=True, text=True,
     )
     return prefix
-
-
-def load_stack_module():
-    """scripts/stack.py (make run's runner) as a module."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stack_runner", REPO / "scripts" / "stack.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def free_port():

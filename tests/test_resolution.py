@@ -9,7 +9,6 @@ NGINX_RESOLVER_VALID; connections to the other backend must not notice.
 import json
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -18,7 +17,7 @@ import pytest
 from websockets.sync.client import connect
 
 from local_processes import running_nginx, start_app, stop, wait_healthy
-from repo import REPO, free_port
+from repo import free_port, load_script
 
 pytestmark = pytest.mark.local
 
@@ -31,23 +30,19 @@ class Dns:
     """A dnsmasq of the test's own, its records in a hosts file under tmp_path."""
 
     def __init__(self, tmp_path, records):
-        # scripts/ exists in the checkout only (these tests are skipped in the tests image).
-        sys.path.insert(0, str(REPO / "scripts"))
-        global localdns
-        import localdns
-
+        self.localdns = load_script("localdns")
         self.port = free_port()
         self.hosts_file = tmp_path / "dns-hosts"
         self.records = dict(records)
-        localdns.write_hosts(self.hosts_file, self.records)
-        self.process = subprocess.Popen(localdns.dnsmasq_argv(self.hosts_file, self.port, VALID),
+        self.localdns.write_hosts(self.hosts_file, self.records)
+        self.process = subprocess.Popen(self.localdns.dnsmasq_argv(self.hosts_file, self.port, VALID),
                                         stdout=open(tmp_path / "dns.log", "w"), stderr=subprocess.STDOUT)
         self._wait_for(records)
 
     def update(self, **records):
         """Rewrite the records, have dnsmasq reread them, and return once it answers with them."""
         self.records.update({name.replace("_", "-"): addresses for name, addresses in records.items()})
-        localdns.write_hosts(self.hosts_file, self.records)
+        self.localdns.write_hosts(self.hosts_file, self.records)
         self.process.send_signal(signal.SIGHUP)
         self._wait_for(self.records)
 
@@ -55,7 +50,7 @@ class Dns:
         deadline = time.monotonic() + 10
         while True:
             try:
-                if all(sorted(localdns.query_a(name, self.port)) == sorted(addresses)
+                if all(sorted(self.localdns.query_a(name, self.port)) == sorted(addresses)
                        for name, addresses in records.items()):
                     return
             except OSError:

@@ -107,6 +107,7 @@ def test_rendered_nginx_config_proxies_websockets_correctly(tmp_path):
         "set $uwsgi_app 127.0.0.1:18001;",
         "set $flask_app 127.0.0.1:18002;",
         "resolver 127.0.0.1:18053 valid=5s ipv6=off;",
+        "proxy_connect_timeout 3s;",
     ):
         assert directive in conf, directive
     assert "server_tokens off;" in main
