@@ -276,7 +276,9 @@ def test_compose_publishes_no_internal_port():
     services = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
     published = {name: service.get("ports", []) for name, service in services.items() if service.get("ports")}
     assert list(published) == ["nginx"]
-    assert [port.rsplit(":", 1)[1] for port in published["nginx"]] == ["8080"]  # NGINX_PORT only, not 8081
+    # Container ports: NGINX_PORT's 8080 and the TLS port, never the status port 8081.
+    targets = [port[port.rindex("${"):] if port.endswith("}") else port.rsplit(":", 1)[1] for port in published["nginx"]]
+    assert targets == ["8080", "${NGINX_TLS_PORT:-8443}"]
 
 
 # --- apps of the test's own ---------------------------------------------------------------------------------------
@@ -399,9 +401,11 @@ def test_a_full_worker_counts_its_503_refusals(app, tmp_path):
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_access_log_records_upstream_timing_and_websocket_session_duration(backend, tmp_path):
     from local_processes import running_nginx
+    from repo import load_stack_module
 
     held = 2.0
-    upstream = f"127.0.0.1:{os.environ.get('LOCAL_' + BACKENDS[backend].replace('-', '_').upper() + '_PORT')}"
+    settings = load_stack_module().load_settings(os.environ)  # the shared stack's ports, defaults included
+    upstream = f"127.0.0.1:{settings['LOCAL_' + BACKENDS[backend].replace('-', '_').upper() + '_PORT']}"
     with running_nginx(tmp_path, **{f"{BACKENDS[backend].replace('-', '_')}_upstream": upstream}) as nginx_url:
         with connect(f"{nginx_url}/{backend}/ws/echo", **NO_CLIENT_PINGS) as ws:
             ws.send("x" * 1000)
