@@ -54,11 +54,10 @@ STACK_SETTINGS = {
 }
 FULL = {"rounds": 3, "connections": [1, 50, 200], "sizes": [32, 8192, 102400], "warmup": 0.5, "duration": 2.0,
         "idle": 10000, "idle_seconds": 60, "fanout": 1000, "fanout_messages": 20, "handshake_seconds": 3,
-        "handshake_concurrency": 20}
+        "handshake_concurrency": 20, "processes": 2}
 QUICK = {"rounds": 1, "connections": [1, 50], "sizes": [32], "warmup": 0.3, "duration": 0.7,
          "idle": 200, "idle_seconds": 2, "fanout": 40, "fanout_messages": 5, "handshake_seconds": 1,
-         "handshake_concurrency": 5}
-PER_APP_WORKERS = 2
+         "handshake_concurrency": 5, "processes": 2}
 KEY_CELL = (50, 32)  # connections, bytes: the cell P1-P3 compare
 
 
@@ -92,7 +91,7 @@ class Stack:
                    NGINX_TLS_PORT=str(self.ports["nginx_tls"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
                    LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
-                   UWSGI_PROCESSES=str(PER_APP_WORKERS), UWSGI_GEVENT=str(cores),
+                   UWSGI_PROCESSES=str(self.settings["processes"]), UWSGI_GEVENT=str(cores),
                    WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100),
                    # the internal status, metrics and stats ports: free ones too, never the defaults
                    **{name: str(free_port()) for name in stack_runner.INTERNAL_PORT_SETTINGS})
@@ -333,7 +332,8 @@ def main(argv=None):
     args, settings = parse_args(argv)
     # SIGTERM unwinds like Ctrl-C, so the stack, the reference server and its nginx are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    out = args.out or REPO / ".run" / "bench" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    # Absolute: nginx gets paths under it as its prefix, and -c relative to the prefix would double them.
+    out = (args.out or REPO / ".run" / "bench" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")).resolve()
     out.mkdir(parents=True, exist_ok=True)
     run_dir = Path(tempfile.mkdtemp(prefix="bench-", dir=out))
     started = time.monotonic()
