@@ -90,7 +90,8 @@ class Stack:
         env = dict(os.environ, **STACK_SETTINGS, NGINX_PORT=str(self.ports["nginx"]),
                    NGINX_TLS_PORT=str(self.ports["nginx_tls"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
-                   LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]), LOCAL_RUN_DIR=str(self.run_dir / "stack"),
+                   LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]),
+                   LOCAL_RUN_DIR=str(self.run_dir / "stack"),
                    UWSGI_PROCESSES=str(self.settings["processes"]), UWSGI_GEVENT=str(cores),
                    WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100),
                    # the internal status, metrics and stats ports: free ones too, never the defaults
@@ -100,18 +101,24 @@ class Stack:
         stack = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         self.processes.append(stack)
-        for line in stack.stdout:
-            log.write(line)
-            if line.startswith("stack: ready"):
-                self.instance = re.search(r"instance (\w+)", line).group(1)
-                break
-        else:
-            raise SystemExit(f"bench: the stack did not start; see {self.run_dir / 'stack.log'}")
-        # Keep draining its output so it never blocks on a full pipe.
-        import threading
+        # `with` calls __exit__ only once __enter__ returned: a failure from here on (the
+        # reference server or its nginx not coming up) must stop what already runs itself.
+        try:
+            for line in stack.stdout:
+                log.write(line)
+                if line.startswith("stack: ready"):
+                    self.instance = re.search(r"instance (\w+)", line).group(1)
+                    break
+            else:
+                raise SystemExit(f"bench: the stack did not start; see {self.run_dir / 'stack.log'}")
+            # Keep draining its output so it never blocks on a full pipe.
+            import threading
 
-        threading.Thread(target=lambda: [log.write(line) for line in stack.stdout], daemon=True).start()
-        self._start_reference()
+            threading.Thread(target=lambda: [log.write(line) for line in stack.stdout], daemon=True).start()
+            self._start_reference()
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
         return self
 
     def _start_reference(self):

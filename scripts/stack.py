@@ -83,6 +83,16 @@ NGINX_TIME = re.compile(r"^([1-9][0-9]*)(ms|s|m|h)?$")
 NGINX_TIME_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, None: 1}
 
 
+def say(text):
+    """Write a line of our output. Whoever reads it (a terminal, a pipe) may be gone, e.g. a
+    caller that died; a failed write must never stop us from stopping the services."""
+    try:
+        sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        sys.stdout.flush()
+    except (OSError, ValueError):
+        pass
+
+
 class ConfigError(SystemExit):
     def __init__(self, message):
         super().__init__(f"stack: invalid configuration: {message}")
@@ -159,9 +169,9 @@ def tls_certificate(settings, run_dir):
     if made.returncode != 0:
         raise SystemExit(f"stack: could not make the development certificate in {dev_dir} (nginx/dev-certs.sh, "
                          "output above); give your own with NGINX_TLS_CERTIFICATE and NGINX_TLS_CERTIFICATE_KEY")
-    print(f"stack: no NGINX_TLS_CERTIFICATE given: https and wss use a development certificate signed by "
-          f"the local CA {dev_dir / 'ca.crt'}; trust that file to connect without warnings "
-          f"(curl --cacert {dev_dir / 'ca.crt'}, or import it as an authority in your browser)", flush=True)
+    say(f"stack: no NGINX_TLS_CERTIFICATE given: https and wss use a development certificate signed by "
+        f"the local CA {dev_dir / 'ca.crt'}; trust that file to connect without warnings "
+        f"(curl --cacert {dev_dir / 'ca.crt'}, or import it as an authority in your browser)")
     return str(dev_dir / "server.crt"), str(dev_dir / "server.key")
 
 
@@ -182,8 +192,9 @@ class Service:
 
     def _relay(self):
         for line in self.process.stdout:
-            sys.stdout.write(f"{self.name:<10} | {line.decode(errors='replace')}")
-            sys.stdout.flush()
+            # Keeps draining the service's pipe even when our own output is gone, or the
+            # service would block on a full pipe.
+            say(f"{self.name:<10} | {line.decode(errors='replace')}")
 
     def alive(self):
         return self.process is not None and self.process.poll() is None
@@ -208,7 +219,7 @@ class Service:
             try:
                 self.process.wait(timeout)
             except subprocess.TimeoutExpired:
-                print(f"stack: {self.name} did not stop within {timeout}s, killing it", flush=True)
+                say(f"stack: {self.name} did not stop within {timeout}s, killing it")
         # Whatever is left in the group (the leader exited, a worker lingers) goes now.
         self.signal_group(signal.SIGKILL)
         self.process.wait()
@@ -364,17 +375,17 @@ class Stack:
                 service.start()
                 self.wait_ready(service, deadline)
             if not self.stopping.is_set():
-                print(f"stack: ready at {self.url}/ and {self.tls_url}/ (instance {self.instance_id}); "
-                      "Ctrl-C stops it", flush=True)
+                say(f"stack: ready at {self.url}/ and {self.tls_url}/ (instance {self.instance_id}); "
+                    "Ctrl-C stops it")
             while not self.stopping.wait(0.5):
                 dead = [s for s in self.services if not s.alive()]
                 if dead:
                     raise RuntimeError(f"{dead[0].name} exited unexpectedly with status {dead[0].process.returncode}")
         except RuntimeError as exc:
-            print(f"stack: {exc}", flush=True)
+            say(f"stack: {exc}")
             status = 1
         finally:
-            print("stack: stopping", flush=True)
+            say("stack: stopping")
             timeout = int(self.settings["LOCAL_STOP_TIMEOUT"])
             # The apps close their WebSockets with 1001, which reaches the clients only while
             # nginx is up; stopping nginx first would hold them until worker_shutdown_timeout
@@ -384,7 +395,7 @@ class Stack:
                 service.begin_stop()
             for service in apps + [s for s in reversed(self.services) if s not in apps]:
                 service.stop(timeout)
-            print("stack: stopped", flush=True)
+            say("stack: stopped")
         return status
 
 

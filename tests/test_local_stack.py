@@ -85,13 +85,19 @@ def test_a_dns_port_taken_on_udp_only_is_refused(tmp_path):
 
 
 def run_stack_expecting_failure(tmp_path, overrides, message):
-    result = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path, **overrides),
-        capture_output=True, text=True, timeout=20,
-    )
-    assert result.returncode != 0
-    assert message in result.stderr
-    assert "ready" not in result.stdout
+    runner = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path, **overrides),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        stdout, stderr = runner.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        # It started instead of refusing: stop it the way that stops its services too
+        # (killing only the runner would leave them running, in sessions of their own).
+        runner.send_signal(signal.SIGTERM)
+        runner.communicate(timeout=60)
+        raise AssertionError(f"the stack did not refuse {overrides}")
+    assert runner.returncode != 0
+    assert message in stderr
+    assert "ready" not in stdout
 
 
 def eventfds(pid):
@@ -255,6 +261,28 @@ def test_stopping_make_run_leaves_no_process_behind(tmp_path, signum):
         assert "stack: stopped" in rest
         assert time.monotonic() - started < 45
         assert processes_of(instance_id) == []
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+
+
+def test_a_stack_whose_output_reader_died_still_stops_everything(tmp_path):
+    # As when the program that started `make run` (a benchmark, a CI step) dies: our stdout is
+    # a pipe nobody reads any more. Writing to it fails; the stop must go on regardless.
+    runner = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output = []
+        for line in runner.stdout:
+            output.append(line)
+            if line.startswith("stack: ready"):
+                break
+        ready = re.search(r"instance (\w+)", output[-1]) if output else None
+        assert ready, "".join(output)
+        runner.stdout.close()
+        runner.send_signal(signal.SIGTERM)
+        runner.wait(timeout=60)
+        assert processes_of(ready.group(1)) == []
     finally:
         if runner.poll() is None:
             runner.kill()
