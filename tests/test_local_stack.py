@@ -222,22 +222,29 @@ def test_sigterm_stops_the_app_gracefully_and_promptly(tmp_path, app):
             process.wait()
 
 
+def start_stack_until_ready(env):
+    """`make run`'s runner with its output on a pipe; returns it, its instance id and the
+    output up to the ready line, once the ready line came."""
+    runner = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = []
+    for line in runner.stdout:
+        output.append(line)
+        if line.startswith("stack: ready"):
+            break
+    ready = re.search(r"instance (\w+)", output[-1]) if output else None
+    if not ready:
+        runner.kill()
+        runner.wait()
+        raise AssertionError("".join(output))
+    return runner, ready.group(1), output
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT (Ctrl-C)"])
 def test_stopping_make_run_leaves_no_process_behind(tmp_path, signum):
     env = stack_env(tmp_path)
-    runner = subprocess.Popen(
-        [sys.executable, str(REPO / "scripts" / "stack.py")], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    output = []
+    runner, instance_id, output = start_stack_until_ready(env)
     try:
-        for line in runner.stdout:
-            output.append(line)
-            if line.startswith("stack: ready"):
-                break
-        ready = re.search(r"instance (\w+)", output[-1]) if output else None
-        assert ready, "".join(output)
-        instance_id = ready.group(1)
         assert len(processes_of(instance_id)) >= 6  # redis, 2 x (uWSGI master + workers), nginx master + workers
 
         # Open WebSockets through nginx get the apps' close 1001 (the apps stop before nginx)
@@ -269,20 +276,12 @@ def test_stopping_make_run_leaves_no_process_behind(tmp_path, signum):
 def test_a_stack_whose_output_reader_died_still_stops_everything(tmp_path):
     # As when the program that started `make run` (a benchmark, a CI step) dies: our stdout is
     # a pipe nobody reads any more. Writing to it fails; the stop must go on regardless.
-    runner = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=stack_env(tmp_path),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runner, instance_id, _output = start_stack_until_ready(stack_env(tmp_path))
     try:
-        output = []
-        for line in runner.stdout:
-            output.append(line)
-            if line.startswith("stack: ready"):
-                break
-        ready = re.search(r"instance (\w+)", output[-1]) if output else None
-        assert ready, "".join(output)
         runner.stdout.close()
         runner.send_signal(signal.SIGTERM)
         runner.wait(timeout=60)
-        assert processes_of(ready.group(1)) == []
+        assert processes_of(instance_id) == []
     finally:
         if runner.poll() is None:
             runner.kill()
