@@ -209,8 +209,7 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                 message = uwsgi.websocket_recv_nb()
                 if not message:  # b'' means "nothing more to read", never a message
                     return False
-                binary = uwsgi_options.last_message_is_binary()
-                metrics.message_received(binary)
+                binary = metrics.message_received()
                 recv_queue.put(BinaryMessage(message) if binary else message)
             return True
         except OSError:

@@ -37,8 +37,7 @@ def echo_messages(bucket):
             # Blocks this greenlet only: uWSGI's gevent plugin makes the wait cooperative,
             # and pings go out every websockets-ping-freq seconds while it waits.
             message = uwsgi.websocket_recv()
-            binary = uwsgi_options.last_message_is_binary()
-            metrics.message_received(binary)
+            binary = metrics.message_received()
             if not bucket.allow():
                 uwsgi.websocket_close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON)
                 return
@@ -92,8 +91,7 @@ def converse(session):
                 payload = uwsgi.websocket_recv_nb()
                 if not payload:  # b'': nothing more to read
                     break
-                binary = uwsgi_options.last_message_is_binary()
-                metrics.message_received(binary)
+                binary = metrics.message_received()
                 if not bucket.allow():
                     raise chat.Close(ratelimit.CLOSE_CODE, ratelimit.CLOSE_REASON.decode())
                 reply = session.incoming(payload, binary=binary)

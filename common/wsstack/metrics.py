@@ -21,7 +21,7 @@ import _socket  # not gevent's: only the address is read, the descriptor's mode 
 import os
 import struct
 
-from wsstack import exposition, http
+from wsstack import exposition, http, uwsgi_options
 
 MESSAGE_TYPES = ("text", "binary")
 # Close codes get their own label value up to 1014 (RFC 6455 7.4.1 and IANA); the ranges
@@ -161,8 +161,11 @@ def connection_closed(status):
     SLOTS.add(SLOT["closes", (("code", code), ("initiator", initiator))], 1)
 
 
-def message_received(binary):
-    SLOTS.add(SLOT["received", (("type", MESSAGE_TYPES[bool(binary)]),)], 1)
+def message_received():
+    """Count the message uWSGI just handed over, by its type; return whether it was binary."""
+    binary = uwsgi_options.last_message_is_binary()
+    SLOTS.add(SLOT["received", (("type", MESSAGE_TYPES[binary]),)], 1)
+    return binary
 
 
 def message_sent(binary):
