@@ -18,8 +18,10 @@ shows each one is needed by running without it.
    uwsgi.websocket_recv_nb() returns for "nothing to read" after every message and
    on every idle wake-up (upstream issue #39), so a handler echoing whatever is not
    None floods the browser with empty messages. Its loop also wakes every second per
-   connection. The middleware below queues only real messages and sleeps until the
-   socket is readable, the handler sends, or the next ping is due.
+   connection, and every message crosses two queues and three greenlet switches. Now
+   the view's greenlet reads and writes the socket itself (GeventClient): receive()
+   returns only real messages and sleeps until the socket is readable; the request's
+   greenlet sleeps until another greenlet sends or the next ping is due.
    Limitation: uWSGI's API cannot tell an empty message from "nothing to read", so an
    empty message from a client is not delivered to flask-app handlers.
 5. BINARY_FRAMES       `client.send(msg, binary=True)` (the default) sends a text frame,
@@ -32,9 +34,9 @@ Beyond the fixes, the middleware applies the project's per-worker connection cap
 (wsstack.capacity: 503 at the handshake when the worker is full), as uwsgi-app does, and
 back-pressure: the package's middleware reads every message the socket has into an
 unbounded queue before the handler runs, so a client that sends faster than its handler
-(or its own reading) keeps up fills the worker's memory. At most MAX_BUFFERED messages now
-wait in either direction; beyond that the middleware stops reading the socket, and the
-client's sends wait in TCP instead. It also counts refused handshakes and every message in
+(or its own reading) keeps up fills the worker's memory. Now a message is read when the
+view asks for it (plus at most MAX_BUFFERED while the view is busy elsewhere and a ping is
+due); the client's sends wait in TCP instead. It also counts refused handshakes and every message in
 and out, for the app's /metrics (wsstack.metrics).
 """
 import asyncio
@@ -73,9 +75,12 @@ def import_package(skip=()):
 flask_uwsgi_websocket = import_package()
 
 # Everything below needs the package, which needs the fixes above first.
+from collections import deque  # noqa: E402
+
 import gevent  # noqa: E402
+from gevent import getcurrent  # noqa: E402
 from gevent.event import Event  # noqa: E402
-from gevent.queue import Queue  # noqa: E402
+from gevent.lock import Semaphore  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
@@ -108,28 +113,143 @@ class _Close:
 
 
 class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
-    """Fix 5: send() honours the frame type. Also: close() can send a close code."""
+    """Fixes 4 and 5: the connection a view gets.
 
-    def close(self, code=1000, reason=b""):
-        # The close frame goes out from the request greenlet, like every frame (see serve()).
-        self.send_queue.put(_Close(code, reason))
-        self.send_event.set()
+    The view's own greenlet does the socket I/O itself: receive() reads one message when the
+    view asks for it (so a fast sender waits in TCP, never in the worker's memory) and send()
+    writes at once. Sends from any other greenlet (a broadcaster, a forwarder) are queued, as
+    in the package, and written by the request's greenlet, so a slow client never blocks them.
+    One uWSGI call at a time uses the socket (`self._io`): a frame is never interleaved.
+
+    The package's attributes keep their roles: send_event/send_queue carry sends from other
+    greenlets; recv_event wakes a waiting receive(); recv_queue holds messages read by the
+    request's greenlet while it kept the connection alive (at most MAX_BUFFERED).
+    """
+
+    def __init__(self, environ, fd, timeout, request):
+        super().__init__(environ, fd, Event(), deque(), Event(), deque(), timeout)
+        self._request = request  # uWSGI's handle on the request (see _call)
+        self._view = None  # the greenlet running the view
+        self._io = Semaphore()
+        self._readable = gevent.get_hub().loop.io(fd, 1)
+
+    # -- the package's API ------------------------------------------------------------
+
+    def receive(self):
+        return self.recv()
+
+    def recv(self):
+        """The next message, or None once the connection is closed."""
+        while True:
+            if self.recv_queue:
+                return self.recv_queue.popleft()
+            if not self.connected:
+                return None
+            message = self._call(self._read)
+            if message is not None:
+                return message
+            if self.connected:  # else the read found the close: say so at once
+                self._wait_readable()
 
     def send(self, msg, binary=None):
         if binary is None:
             binary = isinstance(msg, BinaryMessage)
-        self.send_queue.put((msg, bool(binary)))
-        self.send_event.set()
+        self._submit((msg, bool(binary)))
 
     def send_binary(self, msg):
         self.send(msg, binary=True)
 
+    def close(self, code=1000, reason=b""):
+        self._submit(_Close(code, reason))
 
-MAX_BUFFERED = 16  # messages waiting for the handler, or for the socket, per connection
+    # -- plumbing ---------------------------------------------------------------------
+
+    def _submit(self, item):
+        if getcurrent() is self._view:
+            self._call(self._write, item)
+        else:
+            self.send_queue.append(item)
+            self.send_event.set()
+
+    def _call(self, function, *args):
+        """Run `function` (which makes uWSGI calls for this connection) from any greenlet.
+
+        uWSGI's gevent plugin finds the current request through the calling greenlet's
+        `uwsgi_wsgi_req` attribute, which only the request's own greenlet has: any other
+        greenlet carries it for the duration of the call. A failed call means the connection
+        is over, as in the package (which never raises on send).
+        """
+        current = getcurrent()
+        theirs = getattr(current, "uwsgi_wsgi_req", None)
+        if theirs != self._request:
+            current.uwsgi_wsgi_req = self._request
+        try:
+            with self._io:
+                return function(*args)
+        except OSError:
+            self._disconnected()
+            return None
+        finally:
+            if theirs != self._request:
+                if theirs is None:
+                    del current.uwsgi_wsgi_req
+                else:
+                    current.uwsgi_wsgi_req = theirs
+
+    def _read(self):
+        """One message, or None when none is complete yet (uWSGI's b'' is never a message:
+        an empty message from the client cannot be told apart, see fix 4)."""
+        message = uwsgi.websocket_recv_nb()
+        if not message:
+            return None
+        return BinaryMessage(message) if metrics.message_received() else message
+
+    def _write(self, item=None):
+        """Write what other greenlets queued, then `item`, in order."""
+        while self.send_queue:
+            self._write_one(self.send_queue.popleft())
+        if item is not None:
+            self._write_one(item)
+
+    def _write_one(self, item):
+        if not self.connected:
+            return
+        if isinstance(item, _Close):
+            self.connected = False
+            uwsgi.websocket_close(item.code, item.reason)
+            return
+        message, binary = item
+        (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
+        metrics.message_sent(binary)
+
+    def _wait_readable(self):
+        self.recv_event.clear()
+        self._readable.start(self.recv_event.set)
+        try:
+            self.recv_event.wait()
+        finally:
+            self._readable.stop()
+
+    def _keep_alive(self):
+        """Let uWSGI ping, which it does from a read that finds nothing to read, unless the
+        socket is in use right now or the view has not taken what was read before."""
+        if self._io.locked() or len(self.recv_queue) >= MAX_BUFFERED or not self.connected:
+            return
+        message = self._call(self._read)
+        if message is not None:
+            self.recv_queue.append(message)
+            self.recv_event.set()
+
+    def _disconnected(self):
+        self.connected = False
+        self.recv_event.set()  # a view waiting in receive() sees the close
+
+
+MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive
 
 
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
-    """Fix 4 (and the 426 of fix 3): one wake-up per event, only real messages queued."""
+    """Fix 4 (and the 426 of fix 3): no wake-up without a reason, only real messages delivered."""
 
     client = GeventClient
     ping_interval = uwsgi_options.ping_interval()
@@ -148,73 +268,31 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                                 lambda: self.serve(self.websocket.view_functions[endpoint], args, environ))
 
     def serve(self, view, args, environ):
-        # uWSGI's websocket calls only work from the request's own greenlet (the gevent
-        # plugin finds the request through it), so this greenlet does all socket I/O and
-        # the view runs in its own greenlet, talking to us through the two queues.
-        send_event, send_queue, recv_queue, readable = Event(), Queue(), Queue(), Event()
-        client = self.client(environ, uwsgi.connection_fd(), send_event, send_queue, readable, recv_queue,
-                             self.websocket.timeout)
-        watcher = gevent.get_hub().loop.io(client.fd, 1)
-        watcher.start(readable.set)
+        # The request's greenlet runs the view in a greenlet of its own (the view may block in
+        # receive() while other greenlets send), then writes what other greenlets queue and,
+        # every ping interval, lets uWSGI ping. It sleeps otherwise: a connection costs
+        # nothing between its messages and pings.
+        request = getcurrent().uwsgi_wsgi_req
+        client = self.client(environ, uwsgi.connection_fd(), self.websocket.timeout, request)
         handler = gevent.spawn(view, client, **args)
-        more_to_read = False  # uWSGI may hold whole messages already read from the socket
+        handler.uwsgi_wsgi_req = request  # its uWSGI calls are this request's (GeventClient._call)
+        client._view = handler
+        handler.rawlink(lambda _: client.send_event.set())
         try:
             while client.connected and not handler.ready():
-                if not (more_to_read and self._has_room(send_queue, recv_queue)):
-                    events = [handler, send_event]
-                    if self._has_room(send_queue, recv_queue):
-                        events.append(readable)  # full queues: the socket waits, not memory
-                    gevent.wait(events, count=1, timeout=self.ping_interval)
-                self._flush(client, send_event, send_queue)
-                if self._has_room(send_queue, recv_queue):
-                    # Also runs on a timeout: recv_nb is where uWSGI sends its pings.
-                    readable.clear()
-                    more_to_read = self._drain(client, recv_queue, MAX_BUFFERED - recv_queue.qsize())
-            self._flush(client, send_event, send_queue)
+                woken = client.send_event.wait(self.ping_interval)
+                client.send_event.clear()
+                if client.send_queue:
+                    client._call(client._write)
+                if not woken:
+                    client._keep_alive()
+            if client.send_queue:
+                client._call(client._write)
         finally:
-            watcher.stop()
-            watcher.close()
-            client.connected = False
-            recv_queue.put(None)  # a view blocked in receive() sees the close
+            client._disconnected()
             handler.join(self.websocket.timeout)
             handler.kill()
-
-    @staticmethod
-    def _flush(client, send_event, send_queue):
-        send_event.clear()
-        try:
-            while client.connected and not send_queue.empty():
-                item = send_queue.get_nowait()
-                if isinstance(item, _Close):
-                    client.connected = False
-                    uwsgi.websocket_close(item.code, item.reason)
-                    return
-                message, binary = item
-                (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
-                metrics.message_sent(binary)
-        except OSError:
-            client.connected = False
-
-    @staticmethod
-    def _has_room(send_queue, recv_queue):
-        return send_queue.qsize() < MAX_BUFFERED and recv_queue.qsize() < MAX_BUFFERED
-
-    @staticmethod
-    def _drain(client, recv_queue, at_most):
-        """Read up to `at_most` messages; True when it stopped at that limit."""
-        try:
-            for _ in range(at_most):
-                if not client.connected:
-                    return False
-                message = uwsgi.websocket_recv_nb()
-                if not message:  # b'' means "nothing more to read", never a message
-                    return False
-                binary = metrics.message_received()
-                recv_queue.put(BinaryMessage(message) if binary else message)
-            return True
-        except OSError:
-            client.connected = False
-            return False
+            client._readable.close()
 
 
 class GeventWebSocket(WebSocketRoutesMixin, flask_uwsgi_websocket.GeventWebSocket):

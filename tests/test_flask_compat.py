@@ -1,10 +1,14 @@
 """Each part of flask-app/uwsgi_websocket_compat.py is needed: without it, the upstream failure returns."""
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import textwrap
 import time
+from collections import namedtuple
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
@@ -88,10 +92,15 @@ def test_websocket_rules_fix_is_needed_for_routing():
     }
 
 
+FixtureApp = namedtuple("FixtureApp", "url pid")
+
+
 @pytest.fixture
 def fixture_app(request):
-    """uWSGI running tests/fixtures/flask_echo_app.py with the shared ini, pinging every second."""
+    """uWSGI running tests/fixtures/flask_echo_app.py with the shared ini, one worker, pinging
+    every second unless the parameter (fix, "0" or "1"[, settings]) says otherwise."""
     port = free_port()
+    fix, enabled, *settings = request.param
     env = dict(
         os.environ,
         UWSGI_HTTP_SOCKET=f"127.0.0.1:{port}",
@@ -99,8 +108,7 @@ def fixture_app(request):
         UWSGI_WEBSOCKETS_PING_FREQ="1",
         UWSGI_WORKER_RELOAD_MERCY="1",
     )
-    fix, enabled = request.param
-    env[f"COMPAT_FIX_{fix}"] = enabled
+    env.update({f"COMPAT_FIX_{fix}": enabled}, **(settings[0] if settings else {}))
     process = subprocess.Popen(
         [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "common" / "uwsgi-base.ini"),
          "--pythonpath", str(REPO / "flask-app"), "--pythonpath", str(REPO / "tests" / "fixtures"),
@@ -116,7 +124,7 @@ def fixture_app(request):
         except OSError:
             assert process.poll() is None and time.monotonic() < deadline, process.stdout.read().decode()
             time.sleep(0.1)
-    yield url
+    yield FixtureApp(url, process.pid)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
 
@@ -138,13 +146,13 @@ def received_within(url, seconds):
 
 @pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "0")], indirect=True)
 def test_without_the_middleware_fix_empty_messages_reach_the_client(fixture_app):
-    extra = received_within(fixture_app, 3)
+    extra = received_within(fixture_app.url, 3)
     assert extra and set(extra) <= {""}, extra  # upstream issue #39, reproduced
 
 
 @pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "1")], indirect=True)
 def test_with_the_middleware_fix_nothing_else_arrives(fixture_app):
-    assert received_within(fixture_app, 3) == []
+    assert received_within(fixture_app.url, 3) == []
 
 
 def echoed_opcode(url):
@@ -157,9 +165,44 @@ def echoed_opcode(url):
 
 @pytest.mark.parametrize("fixture_app", [("BINARY_FRAMES", "0")], indirect=True)
 def test_without_the_binary_fix_binary_comes_back_as_text(fixture_app):
-    assert echoed_opcode(fixture_app) == TEXT
+    assert echoed_opcode(fixture_app.url) == TEXT
 
 
 @pytest.mark.parametrize("fixture_app", [("BINARY_FRAMES", "1")], indirect=True)
 def test_with_the_binary_fix_binary_stays_binary(fixture_app):
-    assert echoed_opcode(fixture_app) == BINARY
+    assert echoed_opcode(fixture_app.url) == BINARY
+
+
+def worker_wakeups(master_pid):
+    """Times the app's worker has gone to sleep and woken up (voluntary context switches)."""
+    children = Path(f"/proc/{master_pid}/task/{master_pid}/children").read_text().split()
+    [worker] = children
+    status = Path(f"/proc/{worker}/status").read_text()
+    return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+
+
+def wakeups_while_idle(app, connections=20, seconds=6):
+    with contextlib.ExitStack() as stack:
+        for _ in range(connections):
+            ws = stack.enter_context(connect(app.url, ping_interval=None))
+            ws.send("hello")
+            assert ws.recv(timeout=5) == "hello"
+        time.sleep(0.5)  # let the handshakes' work finish
+        before = worker_wakeups(app.pid)
+        time.sleep(seconds)
+        return worker_wakeups(app.pid) - before
+
+
+QUIET = {"UWSGI_WEBSOCKETS_PING_FREQ": "60"}  # no ping due during the test
+
+
+@pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "0", QUIET)], indirect=True)
+def test_without_the_middleware_fix_idle_connections_wake_the_worker(fixture_app):
+    # The package's listener greenlet gives up its select() every `timeout` (5) seconds and
+    # reads the socket, whether or not anything arrived.
+    assert wakeups_while_idle(fixture_app) >= 1
+
+
+@pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "1", QUIET)], indirect=True)
+def test_with_the_middleware_fix_idle_connections_let_the_worker_sleep(fixture_app):
+    assert wakeups_while_idle(fixture_app) == 0

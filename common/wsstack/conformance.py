@@ -111,6 +111,23 @@ def close_echoes_the_code(url, max_size):
             expect_close_code(ws, code)
 
 
+@check("7.1.1")
+def server_hangs_up_after_the_close_handshake(url, max_size):
+    # The server closes the TCP connection first; a client waiting for that would otherwise
+    # hang until its own close timeout (10 s in the `websockets` client, for instance).
+    with RawWebSocket(url) as ws:
+        ws.send(TEXT, b"hello")
+        expect_message(ws, TEXT, b"hello")
+        ws.send(CLOSE, close_payload(1000))
+        expect_close_code(ws, 1000)
+        ws.sock.settimeout(2)
+        try:
+            left = ws.buffer + ws.sock.recv(65536)
+        except TimeoutError:
+            raise Failed("the connection was still open 2 s after the close handshake") from None
+        expect(left == b"", f"expected the end of the connection, got {left[:40]!r}")
+
+
 @check("10.4")
 def message_over_the_size_limit_is_1009(url, max_size):
     half = max_size // 2 + 1
