@@ -19,9 +19,9 @@ shows each one is needed by running without it.
    on every idle wake-up (upstream issue #39), so a handler echoing whatever is not
    None floods the browser with empty messages. Its loop also wakes every second per
    connection, and every message crosses two queues and three greenlet switches. Now
-   the view's greenlet reads and writes the socket itself (GeventClient): receive()
-   returns only real messages and sleeps until the socket is readable; the request's
-   greenlet sleeps until another greenlet sends or the next ping is due.
+   the view runs in the request's greenlet and reads and writes the socket itself
+   (GeventClient): receive() returns only real messages and sleeps until the socket is
+   readable, another greenlet sends, or the next ping is due.
    Limitation: uWSGI's API cannot tell an empty message from "nothing to read", so an
    empty message from a client is not delivered to flask-app handlers.
 5. BINARY_FRAMES       `client.send(msg, binary=True)` (the default) sends a text frame,
@@ -115,23 +115,33 @@ class _Close:
 class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
     """Fixes 4 and 5: the connection a view gets.
 
-    The view's own greenlet does the socket I/O itself: receive() reads one message when the
-    view asks for it (so a fast sender waits in TCP, never in the worker's memory) and send()
-    writes at once. Sends from any other greenlet (a broadcaster, a forwarder) are queued, as
-    in the package, and written by the request's greenlet, so a slow client never blocks them.
-    One uWSGI call at a time uses the socket (`self._io`): a frame is never interleaved.
+    The view runs in the request's own greenlet and does the socket I/O itself: receive()
+    reads one message when the view asks for it (so a fast sender waits in TCP, never in the
+    worker's memory) and send() writes at once. Sends from any other greenlet (a broadcaster,
+    a forwarder) are queued, as in the package, so a slow client never blocks them: the view
+    writes them when it next waits in receive() or sends, or a helper greenlet does when the
+    view is busy elsewhere. One uWSGI call at a time uses the socket (`self._io`): frames are
+    never interleaved. An idle connection has no greenlet awake and no timer but its ping.
 
-    The package's attributes keep their roles: send_event/send_queue carry sends from other
-    greenlets; recv_event wakes a waiting receive(); recv_queue holds messages read by the
-    request's greenlet while it kept the connection alive (at most MAX_BUFFERED).
+    The package's attributes keep their roles: send_queue carries sends from other greenlets;
+    recv_queue holds messages a helper read while keeping the connection alive (at most
+    MAX_BUFFERED); send_event and recv_event are one event that wakes a waiting receive().
     """
 
-    def __init__(self, environ, fd, timeout, request):
-        super().__init__(environ, fd, Event(), deque(), Event(), deque(), timeout)
-        self._request = request  # uWSGI's handle on the request (see _call)
-        self._view = None  # the greenlet running the view
+    def __init__(self, environ, fd, timeout):
+        wake = Event()
+        super().__init__(environ, fd, wake, deque(), wake, deque(), timeout)
+        self._view = getcurrent()  # the request's greenlet, which runs the view
+        self._request = self._view.uwsgi_wsgi_req  # how uWSGI finds the request (see _call)
         self._io = Semaphore()
-        self._readable = gevent.get_hub().loop.io(fd, 1)
+        self._waiting = False  # the view is blocked in receive()
+        self._helper = None  # a greenlet writing or pinging while the view is busy elsewhere
+        loop = gevent.get_hub().loop
+        self._readable = loop.io(fd, 1)
+        # A little over the ping interval: uWSGI pings when a whole number of seconds, at
+        # least websockets-ping-freq, has passed since its last ping.
+        self._ticker = loop.timer(PING_INTERVAL + 0.5, PING_INTERVAL + 0.5)
+        self._ticker.start(self._tick)
 
     # -- the package's API ------------------------------------------------------------
 
@@ -149,7 +159,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             if message is not None:
                 return message
             if self.connected:  # else the read found the close: say so at once
-                self._wait_readable()
+                self._wait()
 
     def send(self, msg, binary=None):
         if binary is None:
@@ -167,9 +177,33 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
     def _submit(self, item):
         if getcurrent() is self._view:
             self._call(self._write, item)
-        else:
-            self.send_queue.append(item)
-            self.send_event.set()
+            return
+        self.send_queue.append(item)
+        self._nudge()
+
+    def _tick(self):
+        """Every ping interval (from the event loop): let uWSGI ping."""
+        self._nudge()
+
+    def _nudge(self):
+        """Get the queued sends written and the socket read: by the view if it waits in
+        receive(), else by a helper greenlet."""
+        if self._waiting:
+            self.recv_event.set()
+        elif self._helper is None and self.connected:
+            self._helper = gevent.spawn(self._help)
+
+    def _help(self):
+        try:
+            self._call(self._write)
+            # uWSGI pings from a read that finds nothing to read; skipped while the socket is
+            # busy (a blocked send) or the view has not taken what was read before.
+            if not self._io.locked() and len(self.recv_queue) < MAX_BUFFERED:
+                message = self._call(self._read)
+                if message is not None:
+                    self.recv_queue.append(message)
+        finally:
+            self._helper = None
 
     def _call(self, function, *args):
         """Run `function` (which makes uWSGI calls for this connection) from any greenlet.
@@ -179,6 +213,8 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         greenlet carries it for the duration of the call. A failed call means the connection
         is over, as in the package (which never raises on send).
         """
+        if not self.connected:
+            return None
         current = getcurrent()
         theirs = getattr(current, "uwsgi_wsgi_req", None)
         if theirs != self._request:
@@ -205,11 +241,14 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         return BinaryMessage(message) if metrics.message_received() else message
 
     def _write(self, item=None):
-        """Write what other greenlets queued, then `item`, in order."""
-        while self.send_queue:
-            self._write_one(self.send_queue.popleft())
+        """Write what other greenlets queued, then `item`, then what they queued meanwhile."""
         if item is not None:
-            self._write_one(item)
+            if self.send_queue:
+                self.send_queue.append(item)  # after what others queued before it
+            else:
+                self._write_one(item)
+        while self.send_queue and self.connected:
+            self._write_one(self.send_queue.popleft())
 
     def _write_one(self, item):
         if not self.connected:
@@ -222,37 +261,43 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         (uwsgi.websocket_send_binary if binary else uwsgi.websocket_send)(message)
         metrics.message_sent(binary)
 
-    def _wait_readable(self):
+    def _wait(self):
         self.recv_event.clear()
+        self._waiting = True
         self._readable.start(self.recv_event.set)
         try:
             self.recv_event.wait()
         finally:
             self._readable.stop()
-
-    def _keep_alive(self):
-        """Let uWSGI ping, which it does from a read that finds nothing to read, unless the
-        socket is in use right now or the view has not taken what was read before."""
-        if self._io.locked() or len(self.recv_queue) >= MAX_BUFFERED or not self.connected:
-            return
-        message = self._call(self._read)
-        if message is not None:
-            self.recv_queue.append(message)
-            self.recv_event.set()
+            self._waiting = False
+        if self.send_queue:
+            self._call(self._write)
 
     def _disconnected(self):
         self.connected = False
         self.recv_event.set()  # a view waiting in receive() sees the close
 
+    def _finish(self):
+        """After the view returned: write what is still queued, then let go of everything."""
+        self._ticker.stop()
+        helper = self._helper
+        if helper is not None:
+            helper.join(self.timeout)
+            helper.kill()
+        self._call(self._write)
+        self.connected = False
+        self._ticker.close()
+        self._readable.close()
+
 
 MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive
+PING_INTERVAL = uwsgi_options.ping_interval()
 
 
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
     """Fix 4 (and the 426 of fix 3): no wake-up without a reason, only real messages delivered."""
 
     client = GeventClient
-    ping_interval = uwsgi_options.ping_interval()
 
     def __call__(self, environ, start_response):
         try:
@@ -268,31 +313,16 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
                                 lambda: self.serve(self.websocket.view_functions[endpoint], args, environ))
 
     def serve(self, view, args, environ):
-        # The request's greenlet runs the view in a greenlet of its own (the view may block in
-        # receive() while other greenlets send), then writes what other greenlets queue and,
-        # every ping interval, lets uWSGI ping. It sleeps otherwise: a connection costs
-        # nothing between its messages and pings.
-        request = getcurrent().uwsgi_wsgi_req
-        client = self.client(environ, uwsgi.connection_fd(), self.websocket.timeout, request)
-        handler = gevent.spawn(view, client, **args)
-        handler.uwsgi_wsgi_req = request  # its uWSGI calls are this request's (GeventClient._call)
-        client._view = handler
-        handler.rawlink(lambda _: client.send_event.set())
+        client = self.client(environ, uwsgi.connection_fd(), self.websocket.timeout)
         try:
-            while client.connected and not handler.ready():
-                woken = client.send_event.wait(self.ping_interval)
-                client.send_event.clear()
-                if client.send_queue:
-                    client._call(client._write)
-                if not woken:
-                    client._keep_alive()
-            if client.send_queue:
-                client._call(client._write)
+            view(client, **args)
+        except Exception:
+            # A failing view closes its connection with 1011 (and uWSGI logs the traceback)
+            # instead of leaving the client with a dropped connection.
+            client.close(1011, b"internal error")
+            raise
         finally:
-            client._disconnected()
-            handler.join(self.websocket.timeout)
-            handler.kill()
-            client._readable.close()
+            client._finish()
 
 
 class GeventWebSocket(WebSocketRoutesMixin, flask_uwsgi_websocket.GeventWebSocket):
