@@ -206,3 +206,13 @@ def test_without_the_middleware_fix_idle_connections_wake_the_worker(fixture_app
 @pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "1", QUIET)], indirect=True)
 def test_with_the_middleware_fix_idle_connections_let_the_worker_sleep(fixture_app):
     assert wakeups_while_idle(fixture_app) == 0
+
+
+@pytest.mark.parametrize("fixture_app", [("GEVENT_EMPTY_MESSAGES", "1")], indirect=True)
+def test_a_failing_view_closes_its_connection_with_1011(fixture_app):
+    with RawWebSocket(fixture_app.url.replace("/ws/echo", "/ws/fail")) as ws:
+        ws.send(TEXT, b"trigger")
+        frame = ws.expect_close(timeout=5)
+    assert frame is not None and frame.close_code == 1011, frame
+    # The worker lives on.
+    assert echoed_opcode(fixture_app.url) == BINARY
