@@ -68,7 +68,9 @@ def markdown(results):
                      f"{row['min']:.0f}-{row['max']:.0f} | {row['p50_us']} | {row['p99_us']} | {row['p999_us']} | "
                      f"{row['dropped']} |")
     idle = results["idle"]
-    lines += ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s, {idle['dropped']} dropped", "",
+    pings = f", CPU over {idle['seconds'] // idle['ping_interval']} ping interval(s) of {idle['ping_interval']} s" \
+        if idle.get("ping_interval") and idle["seconds"] >= idle["ping_interval"] else ""
+    lines += ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
               "| Processes | CPU % of one core | RSS before (MiB) | RSS held (MiB) | KiB per connection |",
               "|---|---|---|---|---|"]
     for group, row in idle["processes"].items():

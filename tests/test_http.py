@@ -96,3 +96,50 @@ def test_at_most_one_subprotocol_is_selected(backend):
         assert ws.response_headers["sec-websocket-protocol"] == ["chat.v2"]
     finally:
         ws.close()
+
+
+def test_the_health_probe_accepts_a_ping_sent_along_with_the_101():
+    """A server may ping at once (flask-app does): the ping can arrive in the same read as
+    the handshake's answer, and the probe (compose's healthcheck) must still pass."""
+    import base64
+    import hashlib
+    import socket
+    import threading
+
+    from wsstack import probe
+    from wsstack.rawws import GUID, apply_mask
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            request = b""
+            while b"\r\n\r\n" not in request:
+                request += conn.recv(4096)
+            if request.startswith(b"GET /healthz"):
+                body = b'{"status": "ok"}'
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                             + str(len(body)).encode() + b"\r\nConnection: close\r\n\r\n" + body)
+                return
+            key = [line.split(b":", 1)[1].strip() for line in request.split(b"\r\n")
+                   if line.lower().startswith(b"sec-websocket-key:")][0]
+            accept = base64.b64encode(hashlib.sha1(key + GUID.encode()).digest())
+            conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                         b"Sec-WebSocket-Accept: " + accept + b"\r\n\r\n" + b"\x89\x00")  # and a ping, at once
+            message = b""
+            while len(message) < 2 + 4 + len(b"probe"):  # its masked message, then the pong
+                message += conn.recv(4096)
+            payload = apply_mask(message[2:6], message[6:6 + (message[1] & 0x7F)])
+            conn.sendall(bytes([0x81, len(payload)]) + payload)
+            while conn.recv(4096):  # the pong and the close, until the probe hangs up
+                pass
+
+    threads = [threading.Thread(target=serve, daemon=True) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        probe.probe(f"http://127.0.0.1:{port}", timeout=5)
+    finally:
+        listener.close()

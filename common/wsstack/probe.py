@@ -34,24 +34,31 @@ def check_health(host, port, path, timeout):
     return json.loads(body) if resp.getheader("Content-Type", "").startswith("application/json") else {}
 
 
-def _recv_exact(sock, n):
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise RuntimeError("connection closed during the echo check")
-        data += chunk
-    return data
+class _Frames:
+    """Server frames from `sock`, starting with bytes that came along with the handshake's
+    answer (a server may send a frame, such as a ping, right after its 101)."""
 
+    def __init__(self, sock, pending):
+        self.sock, self.pending = sock, pending
 
-def _read_frame(sock):
-    b1, b2 = _recv_exact(sock, 2)
-    length = b2 & 0x7F
-    if length == 126:
-        (length,) = struct.unpack("!H", _recv_exact(sock, 2))
-    elif length == 127:
-        (length,) = struct.unpack("!Q", _recv_exact(sock, 8))
-    return b1 & 0x0F, _recv_exact(sock, length)
+    def _exact(self, n):
+        while len(self.pending) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed during the echo check")
+            self.pending += chunk
+        data, self.pending = self.pending[:n], self.pending[n:]
+        return data
+
+    def next(self):
+        """(opcode, payload) of the next frame."""
+        b1, b2 = self._exact(2)
+        length = b2 & 0x7F
+        if length == 126:
+            (length,) = struct.unpack("!H", self._exact(2))
+        elif length == 127:
+            (length,) = struct.unpack("!Q", self._exact(8))
+        return b1 & 0x0F, self._exact(length)
 
 
 def check_echo(host, port, path, timeout):
@@ -77,14 +84,13 @@ def check_echo(host, port, path, timeout):
         headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
         if headers.get("sec-websocket-accept") != expected:
             raise RuntimeError("wrong Sec-WebSocket-Accept")
-        if rest:
-            raise RuntimeError("unexpected bytes after the handshake")
+        frames = _Frames(sock, rest)
         payload = b"probe"
         mask = os.urandom(4)
         masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
         sock.sendall(bytes([0x81, 0x80 | len(payload)]) + mask + masked)
         while True:
-            opcode, data = _read_frame(sock)
+            opcode, data = frames.next()
             if opcode == 0x9:  # the server may ping first; answer and keep waiting for the echo
                 mask = os.urandom(4)
                 sock.sendall(bytes([0x8A, 0x80 | len(data)]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(data)))
