@@ -75,11 +75,9 @@ def import_package(skip=()):
 flask_uwsgi_websocket = import_package()
 
 # Everything below needs the package, which needs the fixes above first.
-from collections import deque  # noqa: E402
-
 import gevent  # noqa: E402
 from gevent import getcurrent  # noqa: E402
-from gevent.event import Event  # noqa: E402
+from gevent.hub import Waiter  # noqa: E402
 from gevent.lock import Semaphore  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
@@ -125,18 +123,19 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
 
     The package's attributes keep their roles: send_queue carries sends from other greenlets;
     recv_queue holds messages a helper read while keeping the connection alive (at most
-    MAX_BUFFERED); send_event and recv_event are one event that wakes a waiting receive().
+    MAX_BUFFERED). Both are plain lists (an idle connection holds thousands of them), and
+    there are no events: a waiting receive() is woken directly (see _wait).
     """
 
     def __init__(self, environ, fd, timeout):
-        wake = Event()
-        super().__init__(environ, fd, wake, deque(), wake, deque(), timeout)
+        super().__init__(environ, fd, None, [], None, [], timeout)
         self._view = getcurrent()  # the request's greenlet, which runs the view
         self._request = self._view.uwsgi_wsgi_req  # how uWSGI finds the request (see _call)
         self._io = Semaphore()
-        self._waiting = False  # the view is blocked in receive()
+        self._waiter = None  # set while the view is blocked in receive()
         self._helper = None  # a greenlet writing or pinging while the view is busy elsewhere
-        loop = gevent.get_hub().loop
+        self._hub = gevent.get_hub()
+        loop = self._hub.loop
         self._readable = loop.io(fd, 1)
         # A little over the ping interval: uWSGI pings when a whole number of seconds, at
         # least websockets-ping-freq, has passed since its last ping.
@@ -152,7 +151,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         """The next message, or None once the connection is closed."""
         while True:
             if self.recv_queue:
-                return self.recv_queue.popleft()
+                return self.recv_queue.pop(0)
             if not self.connected:
                 return None
             message = self._call(self._read)
@@ -188,8 +187,8 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
     def _nudge(self):
         """Get the queued sends written and the socket read: by the view if it waits in
         receive(), else by a helper greenlet."""
-        if self._waiting:
-            self.recv_event.set()
+        if self._waiter is not None:
+            self._wake()
         elif self._helper is None and self.connected:
             self._helper = gevent.spawn(self._help)
 
@@ -216,6 +215,13 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         if not self.connected:
             return None
         current = getcurrent()
+        if current is self._view:  # the common case: the view's own reads and sends
+            try:
+                with self._io:
+                    return function(*args)
+            except OSError:
+                self._disconnected()
+                return None
         theirs = getattr(current, "uwsgi_wsgi_req", None)
         if theirs != self._request:
             current.uwsgi_wsgi_req = self._request
@@ -248,7 +254,10 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             else:
                 self._write_one(item)
         while self.send_queue and self.connected:
-            self._write_one(self.send_queue.popleft())
+            # Taken as a batch: what other greenlets queue while a write blocks comes next.
+            batch, self.send_queue = self.send_queue, []
+            for queued in batch:
+                self._write_one(queued)
 
     def _write_one(self, item):
         if not self.connected:
@@ -262,20 +271,29 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         metrics.message_sent(binary)
 
     def _wait(self):
-        self.recv_event.clear()
-        self._waiting = True
-        self._readable.start(self.recv_event.set)
+        """Sleep until the socket is readable or _wake() is called. The event loop switches
+        straight back to this greenlet (gevent's Waiter, as its own sockets do): no event
+        object, no extra trip through the loop per message."""
+        self._waiter = waiter = Waiter()
+        self._readable.start(waiter.switch, None)
         try:
-            self.recv_event.wait()
+            waiter.get()
         finally:
             self._readable.stop()
-            self._waiting = False
+            self._waiter = None
         if self.send_queue:
             self._call(self._write)
 
+    def _wake(self):
+        """Wake a waiting receive() from anywhere: the switch itself runs from the event loop
+        (only it may resume a Waiter), and only if that same wait is still going on."""
+        waiter = self._waiter
+        if waiter is not None:
+            self._hub.loop.run_callback(lambda: self._waiter is waiter and waiter.switch(None))
+
     def _disconnected(self):
         self.connected = False
-        self.recv_event.set()  # a view waiting in receive() sees the close
+        self._wake()  # a view waiting in receive() sees the close
 
     def _finish(self):
         """After the view returned: write what is still queued, then let go of everything."""
