@@ -215,15 +215,10 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         if not self.connected:
             return None
         current = getcurrent()
-        if current is self._view:  # the common case: the view's own reads and sends
-            try:
-                with self._io:
-                    return function(*args)
-            except OSError:
-                self._disconnected()
-                return None
-        theirs = getattr(current, "uwsgi_wsgi_req", None)
-        if theirs != self._request:
+        # The common case, the view's own reads and sends, skips the attribute lookup.
+        theirs = self._request if current is self._view else getattr(current, "uwsgi_wsgi_req", None)
+        swap = theirs != self._request
+        if swap:
             current.uwsgi_wsgi_req = self._request
         try:
             with self._io:
@@ -232,7 +227,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             self._disconnected()
             return None
         finally:
-            if theirs != self._request:
+            if swap:
                 if theirs is None:
                     del current.uwsgi_wsgi_req
                 else:
