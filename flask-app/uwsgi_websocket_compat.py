@@ -123,8 +123,9 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
 
     The package's attributes keep their roles: send_queue carries sends from other greenlets;
     recv_queue holds messages a helper read while keeping the connection alive (at most
-    MAX_BUFFERED). Both are plain lists (an idle connection holds thousands of them), and
-    there are no events: a waiting receive() is woken directly (see _wait).
+    MAX_BUFFERED). Both are plain lists, smaller than deques (a worker holds thousands of
+    idle connections), and there are no events: a waiting receive() is woken directly (see
+    _wait).
     """
 
     def __init__(self, environ, fd, timeout):
