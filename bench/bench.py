@@ -4,11 +4,12 @@ Starts its own local stack (scripts/stack.py, on free loopback ports, with the a
 lifted: a benchmark is abuse by design), a reference echo server (picows) behind an nginx
 rendered from the same template, then runs, with a progress line per measurement:
 
+  idle        IDLE connections through nginx split across both apps, held IDLE_SECONDS:
+              memory per connection of every process, CPU while idle (over whole ping
+              intervals), drops
   echo        closed loop, CONNECTIONS x SIZES, against every target, ROUNDS rounds
               interleaved across targets, warm-up discarded: messages/s (median, min-max)
               and latency p50/p99/p99.9 (HDR histograms)
-  idle        IDLE connections through nginx split across both apps, held IDLE_SECONDS:
-              memory per connection of every process, CPU while idle, drops
   fanout      one sender, FANOUT subscribers of one chat room split across both backends:
               delivery latency p50/p99
   handshakes  open+close through nginx, per backend: handshakes/s
@@ -359,7 +360,9 @@ def main(argv=None):
         results = {
             "mode": "quick" if args.quick else "full", "settings": settings, "stack_settings": STACK_SETTINGS,
             "versions": versions(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "echo": run_echo(stack, settings), "idle": run_idle(stack, settings),
+            # Idle first, on fresh workers: after the echo workloads, idle connections would
+            # partly reuse the heap those freed, and memory per connection would read low.
+            "idle": run_idle(stack, settings), "echo": run_echo(stack, settings),
             "fanout": run_fanout(stack, settings), "handshakes": run_handshakes(stack, settings),
         }
     results["seconds"] = round(time.monotonic() - started, 1)
