@@ -69,7 +69,7 @@ def markdown(results):
                      f"{row['dropped']} |")
     idle = results["idle"]
     pings = f", CPU over {idle['seconds'] // idle['ping_interval']} ping interval(s) of {idle['ping_interval']} s" \
-        if idle.get("ping_interval") and idle["seconds"] >= idle["ping_interval"] else ""
+        if idle["seconds"] >= idle["ping_interval"] else ""
     lines += ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
               "| Processes | CPU % of one core | RSS before (MiB) | RSS held (MiB) | KiB per connection |",
               "|---|---|---|---|---|"]

@@ -138,10 +138,11 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         self._hub = gevent.get_hub()
         loop = self._hub.loop
         self._readable = loop.io(fd, 1)
-        # A little over the ping interval: uWSGI pings when a whole number of seconds, at
-        # least websockets-ping-freq, has passed since its last ping.
+        # Every ping interval, the socket is read so that uWSGI can ping. A little over the
+        # interval: uWSGI pings when a whole number of seconds, at least
+        # websockets-ping-freq, has passed since its last ping.
         self._ticker = loop.timer(PING_INTERVAL + 0.5, PING_INTERVAL + 0.5)
-        self._ticker.start(self._tick)
+        self._ticker.start(self._nudge)
 
     # -- the package's API ------------------------------------------------------------
 
@@ -179,10 +180,6 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             self._call(self._write, item)
             return
         self.send_queue.append(item)
-        self._nudge()
-
-    def _tick(self):
-        """Every ping interval (from the event loop): let uWSGI ping."""
         self._nudge()
 
     def _nudge(self):
