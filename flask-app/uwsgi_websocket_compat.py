@@ -21,9 +21,10 @@ shows each one is needed by running without it.
    connection, and every message crosses two queues and three greenlet switches. Now
    the view runs in the request's greenlet and reads and writes the socket itself
    (GeventClient): receive() returns only real messages and sleeps until the socket is
-   readable, another greenlet sends, or the next ping is due.
-   Limitation: uWSGI's API cannot tell an empty message from "nothing to read", so an
-   empty message from a client is not delivered to flask-app handlers.
+   readable, another greenlet sends, or the next ping is due. Empty messages from the
+   client are real messages and are delivered (b''): the read uses
+   uwsgi.websocket_try_recv() from the project's uWSGI patch 0016, which returns None for
+   "nothing to read" where websocket_recv_nb() returns b'' for both.
 5. BINARY_FRAMES       `client.send(msg, binary=True)` (the default) sends a text frame,
    and a received message does not say whether it was binary. Binary messages now arrive
    as `BinaryMessage` (a bytes subclass, so existing code keeps working); `send()` sends a
@@ -232,10 +233,9 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
                     current.uwsgi_wsgi_req = theirs
 
     def _read(self):
-        """One message, or None when none is complete yet (uWSGI's b'' is never a message:
-        an empty message from the client cannot be told apart, see fix 4)."""
-        message = uwsgi.websocket_recv_nb()
-        if not message:
+        """One message (b'' for an empty one), or None when none is complete yet (fix 4)."""
+        message = uwsgi.websocket_try_recv()
+        if message is None:
             return None
         return BinaryMessage(message) if metrics.message_received() else message
 

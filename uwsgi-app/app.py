@@ -88,8 +88,9 @@ def converse(session):
             readable.clear()
             # Also on a timeout: recv_nb is where uWSGI sends its pings.
             while True:
-                payload = uwsgi.websocket_recv_nb()
-                if not payload:  # b'': nothing more to read
+                # try_recv (patch 0016): None is "nothing more to read", b'' an empty message
+                payload = uwsgi.websocket_try_recv()
+                if payload is None:
                     break
                 binary = metrics.message_received()
                 if not bucket.allow():

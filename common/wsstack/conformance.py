@@ -12,7 +12,7 @@ import json
 import socket
 import sys
 
-from wsstack.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, close_payload
+from wsstack.rawws import BINARY, CLOSE, CONT, PING, PONG, TEXT, RawWebSocket, close_payload, encode_frame
 
 DEFAULT_MAX_SIZE = 1024 * 1024
 CHECKS = []
@@ -60,6 +60,25 @@ def binary_comes_back_as_binary(url, max_size):
     with RawWebSocket(url) as ws:
         ws.send(BINARY, data)
         expect_message(ws, BINARY, data)
+
+
+@check("5.6")
+def empty_messages_come_back_empty(url, max_size):
+    # An empty message is a message: it comes back, as the type it was sent as.
+    with RawWebSocket(url) as ws:
+        ws.send(TEXT, b"")
+        ws.send(BINARY, b"")
+        ws.send(TEXT, b"after")
+        expect_message(ws, TEXT, b"")
+        expect_message(ws, BINARY, b"")
+        expect_message(ws, TEXT, b"after")
+
+
+@check("4.2.2")
+def no_subprotocol_the_server_did_not_select(url, max_size):
+    with RawWebSocket(url, headers={"Sec-WebSocket-Protocol": "graphql-ws, wamp"}) as ws:
+        confirmed = ws.response_headers.get("sec-websocket-protocol")
+        expect(confirmed is None, f"the server confirmed {confirmed}, a subprotocol an echo server does not speak")
 
 
 @check("5.4")
@@ -144,6 +163,24 @@ def invalid_utf8_text_is_1007(url, max_size):
         expect_close_code(ws, 1007)
 
 
+@check("8.1")
+def invalid_utf8_in_a_first_fragment_fails_at_once(url, max_size):
+    # Fail fast: the close comes before the final fragment is sent.
+    with RawWebSocket(url) as ws:
+        ws.send(TEXT, b"\xce\xba\xff", fin=False)
+        expect_close_code(ws, 1007)
+
+
+@check("8.1")
+def invalid_utf8_fails_before_its_frame_ends(url, max_size):
+    # 16 of the 1000 payload bytes the header declares, the first ones already not UTF-8 (a
+    # surrogate): the close comes while the rest of the frame is still due.
+    with RawWebSocket(url) as ws:
+        frame = encode_frame(TEXT, b"\xce\xba\xed\xa0\x80" + b"x" * 995)
+        ws.send_raw(frame[:8 + 16])
+        expect_close_code(ws, 1007)
+
+
 def protocol_error(send):
     def run(url, max_size):
         with RawWebSocket(url) as ws:
@@ -165,6 +202,11 @@ PROTOCOL_ERRORS = {
     "invalid_close_code": ("7.4.1", lambda ws: ws.send(CLOSE, close_payload(1005))),
     "close_code_out_of_range": ("7.4.2", lambda ws: ws.send(CLOSE, close_payload(5000))),
     "one_byte_close_payload": ("5.5.1", lambda ws: ws.send(CLOSE, b"\x03")),
+    # a 64-bit length must have its top bit clear; the second one, after a fragment, made a
+    # message-size check that added the two sizes wrap around and overflow the heap
+    "length_with_the_top_bit_set": ("5.2", lambda ws: ws.send_raw(encode_frame(BINARY, length=2**63)[:14])),
+    "fragment_then_a_length_of_2_64_minus_1": ("5.2", lambda ws: ws.send_raw(
+        encode_frame(TEXT, b"a", fin=False) + encode_frame(CONT, length=2**64 - 1)[:14])),
 }
 for _name, (_rfc, _send) in PROTOCOL_ERRORS.items():
     CHECKS.append((f"{_name}_is_1002", _rfc, protocol_error(_send)))
