@@ -106,9 +106,14 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert container_to_repo("nginx", "/docker-entrypoint.d/15-resolver.envsh") == \
         REPO / "nginx" / "docker-entrypoint.d" / "15-resolver.envsh"
     assert stack.DEFAULTS["NGINX_RESOLVER_VALID"] == nginx_env["NGINX_RESOLVER_VALID"]
-    assert set(ini) == {k for k in compose["x-app-environment"] if k.startswith("UWSGI_")}
+    assert {k for k in ini if k.startswith("UWSGI_")} == {k for k in compose["x-app-environment"] if k.startswith("UWSGI_")}
     for name, value in ini.items():
         assert compose_defaults[name] == value, name
+    # The engine's frame-rate limit (patch 0015) takes the app's message-rate settings, with the
+    # same defaults as the Python limit (wsstack/ratelimit.py), which reads them itself.
+    ratelimit = (REPO / "common" / "wsstack" / "ratelimit.py").read_text()
+    for name in ("WS_MAX_MESSAGES_PER_SECOND", "WS_MESSAGE_BURST"):
+        assert re.search(rf'env_whole_number\("{name}", "{ini[name]}"\)', ratelimit), name
     assert stack.DEFAULTS["UWSGI_WEBSOCKETS_PING_FREQ"] == ini["UWSGI_WEBSOCKETS_PING_FREQ"]
     assert stack.DEFAULTS["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]
     assert compose_defaults["NGINX_PROXY_READ_TIMEOUT"] == nginx_env["NGINX_PROXY_READ_TIMEOUT"]

@@ -90,14 +90,6 @@ def test_same_origin_and_originless_clients_are_accepted(backend, origin):
         ws.close()
 
 
-def test_at_most_one_subprotocol_is_selected(backend):
-    ws = RawWebSocket(ws_url(backend), headers={"Sec-WebSocket-Protocol": "chat.v2, chat.v1"})
-    try:
-        assert ws.response_headers["sec-websocket-protocol"] == ["chat.v2"]
-    finally:
-        ws.close()
-
-
 def test_the_health_probe_accepts_a_ping_sent_along_with_the_101():
     """A server may ping at once (flask-app does): the ping can arrive in the same read as
     the handshake's answer, and the probe (compose's healthcheck) must still pass."""
