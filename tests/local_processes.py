@@ -15,14 +15,19 @@ from pathlib import Path
 from repo import REPO, VENV_BIN, free_port, render_nginx
 
 
-def start_app(app, log_path, host="127.0.0.1", port=None, **env_overrides):
-    """An app instance on HOST:PORT (a free port by default); returns (uWSGI master, base URL)."""
+def start_app(app, log_path, host="127.0.0.1", port=None, uwsgi_args=(), **env_overrides):
+    """An app instance on HOST:PORT (a free port by default); returns (uWSGI master, base URL).
+
+    `uwsgi_args` follow the app's ini on the command line, so they override it (a test
+    fixture's --module, for instance).
+    """
     port = port or free_port()
     env = dict(os.environ, UWSGI_HTTP_SOCKET=f"{host}:{port}", UWSGI_WORKER_RELOAD_MERCY="5")
     env.update(env_overrides)
     log = open(log_path, "w")
     process = subprocess.Popen(
-        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")], env=env, stdout=log, stderr=subprocess.STDOUT,
+        [str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini"), *uwsgi_args],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
     )
     return process, f"http://{host}:{port}"
 

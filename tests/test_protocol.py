@@ -12,6 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from repo import REPO
 from stack import ws_url
 from wsstack import conformance
 from wsstack.rawws import CLOSE, PING, PONG, TEXT, RawWebSocket
@@ -27,7 +28,12 @@ def test_rfc6455(backend, name, func):
 
 
 def uwsgi_processes(app):
-    """PIDs of the local stack's uWSGI processes for `app` (master and workers)."""
+    """PIDs of the local stack's uWSGI processes for `app` (master and workers).
+
+    Only this checkout's: stacks of other checkouts may run on the same machine, and their
+    workers coming and going must not count here.
+    """
+    ini = str(REPO / app / "uwsgi.ini").encode()
     found = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -37,7 +43,7 @@ def uwsgi_processes(app):
             environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if f"{app}/uwsgi.ini".encode() in b" ".join(cmdline) and any(e.startswith(b"STACK_INSTANCE_ID=") for e in environ):
+        if ini in cmdline and any(e.startswith(b"STACK_INSTANCE_ID=") for e in environ):
             found.add(int(proc.name))
     return found
 

@@ -8,6 +8,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 import urllib.parse
 from dataclasses import dataclass
 
@@ -134,9 +135,17 @@ class RawWebSocket:
         return Frame(bool(first & 0x80), (first >> 4) & 7, first & 0x0F, payload)
 
     def recv_message(self, timeout=None, skip_pings=True):
-        """The next data or close frame; pings are answered and skipped."""
+        """The next data or close frame; pings are answered and skipped.
+
+        `timeout` bounds the whole wait: a server pinging more often than that must not
+        keep a caller waiting for ever for a message that never comes.
+        """
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         while True:
-            frame = self.recv_frame(timeout)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no message within {self.timeout if timeout is None else timeout} s")
+            frame = self.recv_frame(left)
             if frame.opcode == PING and skip_pings:
                 try:
                     self.send(PONG, frame.payload)
@@ -146,10 +155,12 @@ class RawWebSocket:
             return frame
 
     def expect_close(self, timeout=None):
-        """Read until the server's close frame (skipping other frames); None if it just hung up."""
+        """Read until the server's close frame (skipping other frames), for at most `timeout`
+        seconds in all; None if it just hung up."""
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         try:
             while True:
-                frame = self.recv_message(timeout)
+                frame = self.recv_message(deadline - time.monotonic())
                 if frame.opcode == CLOSE:
                     return frame
         except ConnectionError:
