@@ -75,7 +75,7 @@ fuzz() {
     # new units go to the first folder, so the committed seeds stay as they are
     # shellcheck disable=SC2086
     "$binary" "${libfuzzer_opts[@]}" -max_total_time="$seconds" -print_final_stats=1 \
-        -artifact_prefix="$out/crashes/" ${FUZZ_ARGS:-} "$out/corpus" "$here/corpus"
+        -dict="$here/websocket.dict" -artifact_prefix="$out/crashes/" ${FUZZ_ARGS:-} "$out/corpus" "$here/corpus"
 }
 
 case "${1:-}" in
