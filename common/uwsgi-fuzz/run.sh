@@ -5,7 +5,8 @@
 #                            each input that crashes, with the sanitizer's verdict
 #   run.sh fuzz [SECONDS]    coverage-guided run (default FUZZ_SECONDS, else 300); new corpus
 #                            entries go to .run/uwsgi-fuzz/corpus, crash inputs to
-#                            .run/uwsgi-fuzz/crashes; exits non-zero on a crash
+#                            .run/uwsgi-fuzz/crashes (FUZZ_WORK moves both); exits
+#                            non-zero on a crash
 # FUZZ_ARGS adds libFuzzer options, e.g. FUZZ_ARGS="-fork=2 -ignore_crashes=1" for long runs.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
@@ -13,6 +14,7 @@ repo=$(cd "$here/../.." && pwd)
 out=${FUZZ_OUT:-$repo/.run/uwsgi-fuzz}
 requirements=$repo/uwsgi-app/requirements.txt
 binary=$out/fuzz_websockets
+work=${FUZZ_WORK:-$out}
 # Recoverable UBSan checks with halt_on_error: fatal like -fno-sanitize-recover, except for
 # the few understood reports in ubsan.supp (a fatal check ignores suppressions).
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1:suppressions=$here/ubsan.supp}
@@ -38,6 +40,9 @@ build() {
     cflags=$(cd "$out/src" && UWSGI_PROFILE=default python3 uwsgiconfig.py --cflags | tr ' ' '\n' | grep -E '^-[DI]' | grep -v EMBEDDED_PLUGINS)
     grep -qx -- -DUWSGI_SSL <<<"$cflags" \
         || { echo "uwsgi-fuzz: uwsgiconfig.py found no SSL (install libssl-dev): the handshake would not be fuzzed" >&2; exit 1; }
+    if [ -x "$binary" ] && [ -z "$(find "$here" "$out/src.sha256" -newer "$binary" -type f)" ]; then
+        return 0
+    fi
     local defines=()
     mapfile -t defines <<<"$cflags"
     # -fsanitize-recover=undefined + halt_on_error=1 (above): see ubsan.supp
@@ -55,7 +60,8 @@ replay() {
     for input in "$here"/corpus/* "$here"/crashes/*; do
         [ -f "$input" ] || continue
         total=$((total + 1))
-        if ! "$binary" "${libfuzzer_opts[@]}" -runs=1 "$input" >"$log" 2>&1; then
+        # in a subshell, so the shell's own "Aborted" goes to the log too
+        if ! ("$binary" "${libfuzzer_opts[@]}" -runs=1 "$input") >"$log" 2>&1; then
             failed=$((failed + 1))
             echo "uwsgi-fuzz: FAIL ${input#"$repo"/}:"
             # the sanitizer's or the oracle's verdict, then where it happened
@@ -71,16 +77,16 @@ replay() {
 
 fuzz() {
     local seconds=${1:-${FUZZ_SECONDS:-300}}
-    mkdir -p "$out/corpus" "$out/crashes"
+    mkdir -p "$work/corpus" "$work/crashes"
     # new units go to the first folder, so the committed seeds stay as they are
     # shellcheck disable=SC2086
     "$binary" "${libfuzzer_opts[@]}" -max_total_time="$seconds" -print_final_stats=1 \
-        -dict="$here/websocket.dict" -artifact_prefix="$out/crashes/" ${FUZZ_ARGS:-} "$out/corpus" "$here/corpus"
+        -dict="$here/websocket.dict" -artifact_prefix="$work/crashes/" ${FUZZ_ARGS:-} "$work/corpus" "$here/corpus"
 }
 
 case "${1:-}" in
     build) build ;;
-    replay) [ -x "$binary" ] || build; replay ;;
+    replay) build; replay ;;
     fuzz) build; fuzz "${2:-}" ;;
     *) echo "usage: run.sh build | replay | fuzz [SECONDS]" >&2; exit 2 ;;
 esac
