@@ -32,7 +32,6 @@ fuzz: bootstrap ## fuzz the patched WebSocket engine for FUZZ_SECONDS (300) with
 	FUZZ_SECONDS=$(FUZZ_SECONDS) common/uwsgi-fuzz/run.sh fuzz
 
 fuzz-replay: bootstrap ## replay the committed fuzz corpus and regression inputs once (bounded, for CI)
-	common/uwsgi-fuzz/run.sh build
 	common/uwsgi-fuzz/run.sh replay
 
 bench: bootstrap ## benchmark against the README's targets P1-P5 (about 10 min); BENCH_ARGS="--quick" or see --help

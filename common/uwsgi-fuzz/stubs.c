@@ -28,24 +28,24 @@ __attribute__((noreturn)) static void not_modelled(const char *name) {
 	abort();
 }
 
-void uwsgi_log(const char *fmt, ...) {
-	// logging is the engine's slowest path; FUZZ_VERBOSE=1 shows it when reading a crash
+// logging is the engine's slowest path; FUZZ_VERBOSE=1 shows it when reading a crash
+static void fuzz_vlog(const char *fmt, va_list ap) {
 	static int verbose = -1;
 	if (verbose < 0) verbose = getenv("FUZZ_VERBOSE") != NULL;
-	if (!verbose) return;
+	if (verbose) vfprintf(stderr, fmt, ap);
+}
+
+void uwsgi_log(const char *fmt, ...) {
 	va_list ap;
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	fuzz_vlog(fmt, ap);
 	va_end(ap);
 }
 
 void uwsgi_log_verbose(const char *fmt, ...) {
-	static int verbose = -1;
-	if (verbose < 0) verbose = getenv("FUZZ_VERBOSE") != NULL;
-	if (!verbose) return;
 	va_list ap;
 	va_start(ap, fmt);
-	vfprintf(stderr, fmt, ap);
+	fuzz_vlog(fmt, ap);
 	va_end(ap);
 }
 
