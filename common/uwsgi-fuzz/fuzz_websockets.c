@@ -210,12 +210,17 @@ void fuzz_headers_written(struct fuzz_conn *c, const char *h, size_t len) {
 	if (len < 34 || memcmp(h, "HTTP/1.1 101 Switching Protocols\r\n", 34)) fuzz_fail("conn %d: not a 101 status line", c->index);
 	if (len < 4 || memcmp(h + len - 4, "\r\n\r\n", 4)) fuzz_fail("conn %d: headers do not end with an empty line", c->index);
 	size_t vlen = 0;
-	int count;
+	int count, lines = 0;
+	const char *p;
+	for (p = h; (p = memmem(p, h + len - p, "\r\n", 2)) != NULL; p += 2) lines++;
 	const char *accept = header_value(h, len, "Sec-WebSocket-Accept", &vlen, &count);
 	if (count != 1 || vlen != strlen(c->accept) || memcmp(accept, c->accept, vlen))
 		fuzz_fail("conn %d: Sec-WebSocket-Accept is '%.*s', expected '%s'", c->index, (int) vlen, accept ? accept : "", c->accept);
 	const char *proto = header_value(h, len, "Sec-WebSocket-Protocol", &vlen, &count);
 	if (count > 1) fuzz_fail("conn %d: %d Sec-WebSocket-Protocol headers", c->index, count);
+	// status, Upgrade, Connection, Sec-WebSocket-Accept, [Sec-WebSocket-Protocol], empty line:
+	// any other line was injected through a header value
+	if (lines != 5 + count) fuzz_fail("conn %d: %d lines in the 101 response", c->index, lines);
 	if (proto && !c->app_proto_given) {
 		// the client's first offer, as it sent it
 		if (vlen == 0 || vlen > c->client_proto_len || memcmp(proto, c->client_proto, vlen))
@@ -262,6 +267,16 @@ static void expected_accept(const uint8_t *key, size_t len, char *out) {
 	EVP_EncodeBlock((unsigned char *) out, digest, SHA_DIGEST_LENGTH);
 }
 
+// A header value as nginx or uWSGI's HTTP parser can deliver it: the line ends at CR or LF,
+// and neither passes a NUL. Longer fuzzed bytes would test a request no client can send.
+static size_t header_line_len(const uint8_t *p, size_t len) {
+	size_t i;
+	for (i = 0; i < len; i++) {
+		if (p[i] == '\r' || p[i] == '\n' || p[i] == 0) break;
+	}
+	return i;
+}
+
 // the request as the HTTP parser leaves it for a WebSocket handler, then the handshake
 static void start_request(struct fuzz_conn *c, struct cursor *in) {
 	struct wsgi_request *r = c->req;
@@ -285,6 +300,10 @@ static void start_request(struct fuzz_conn *c, struct cursor *in) {
 	const uint8_t *aproto = take(in, &aproto_len);
 	size_t early_len = u8(in);
 	const uint8_t *early = take(in, &early_len);
+	key_len = header_line_len(key, key_len);
+	cproto_len = header_line_len(cproto, cproto_len);
+	// the app's protocol too: a Python str with a CR LF in it is the app's bug, not the engine's
+	aproto_len = header_line_len(aproto, aproto_len);
 
 	// the parser's buffer is a copy (its size is buffer-size in uWSGI), so the engine may
 	// free it; the header values point into it like the parser's do

@@ -48,7 +48,7 @@ build() {
     # -fsanitize-recover=undefined + halt_on_error=1 (above): see ubsan.supp
     clang -g -O1 -fno-omit-frame-pointer -fsanitize=fuzzer,address,undefined -fsanitize-recover=undefined \
         -I"$out/src" -I"$here" "${defines[@]}" \
-        "$out/src/core/websockets.c" "$out/src/core/buffer.c" "$here/stubs.c" "$here/fuzz_websockets.c" \
+        "$out/src/core/websockets.c" "$out/src/core/buffer.c" "$here/stubs.c" "$here/fuzz_websockets.c" "$here/mutator.c" \
         -lcrypto -o "$binary.new"
     mv "$binary.new" "$binary"
     echo "uwsgi-fuzz: built $binary from $out/src/core/websockets.c"
