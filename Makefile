@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance bench wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance fuzz fuzz-replay bench wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,15 @@ test-compose: ## without Docker: build the images and run the compose stack with
 
 conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
 	scripts/conformance.sh
+
+# `make fuzz FUZZ_SECONDS=3600` for a longer run; FUZZ_ARGS passes libFuzzer options.
+FUZZ_SECONDS ?= 300
+
+fuzz: bootstrap ## fuzz the patched WebSocket engine for FUZZ_SECONDS (300) with ASan/UBSan; crash inputs in .run/uwsgi-fuzz/crashes
+	FUZZ_SECONDS=$(FUZZ_SECONDS) common/uwsgi-fuzz/run.sh fuzz
+
+fuzz-replay: bootstrap ## replay the committed fuzz corpus and regression inputs once (bounded, for CI)
+	common/uwsgi-fuzz/run.sh replay
 
 bench: bootstrap ## benchmark against the README's targets P1-P5 (about 10 min); BENCH_ARGS="--quick" or see --help
 	.venv/bin/python bench/bench.py $(BENCH_ARGS)

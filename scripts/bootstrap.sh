@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install everything local mode and the test suite need, on a bare Debian + Python machine:
 #   - Debian packages (when missing): nginx, redis-server, envsubst, a C compiler and
-#     libssl-dev (uWSGI's WebSocket handshake needs SSL at build time)
+#     libssl-dev (uWSGI's WebSocket handshake needs SSL at build time), clang with the
+#     libFuzzer runtime (the engine's fuzz harness)
 #   - .venv with the apps' and the tests' pinned Python dependencies, uWSGI compiled with SSL
 # Idempotent and quick when nothing changed (a stamp records the requirements installed).
 set -euo pipefail
@@ -23,6 +24,10 @@ dpkg -s libssl-dev >/dev/null 2>&1 || apt_packages+=(libssl-dev)
 command -v gcc >/dev/null || apt_packages+=(gcc)
 dpkg -s libc6-dev >/dev/null 2>&1 || apt_packages+=(libc6-dev)
 command -v patch >/dev/null || apt_packages+=(patch)
+# The WebSocket engine's fuzz harness (common/uwsgi-fuzz/, tests/test_fuzz.py): clang, and the
+# libFuzzer and sanitizer runtimes, which clang-14 does not pull in without recommends.
+command -v clang >/dev/null || apt_packages+=(clang)
+dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || apt_packages+=(libclang-rt-14-dev)
 # nginx/dev-certs.sh makes the development TLS certificate with it.
 command -v openssl >/dev/null || apt_packages+=(openssl)
 # A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
