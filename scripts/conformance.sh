@@ -8,13 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh >/dev/null
 
+scripts/stock-uwsgi.sh
 stock=.run/stock-venv
-if ! "$stock/bin/uwsgi" --version 2>/dev/null | grep -qx '[0-9.]*'; then
-    echo "conformance: building stock uWSGI into $stock" >&2
-    python3 -m venv "$stock"
-    "$stock/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI \
-        -r uwsgi-app/requirements.txt -r flask-app/requirements.txt
-fi
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; }
