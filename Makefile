@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance bench wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance autobahn bench wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ test-compose: ## without Docker: build the images and run the compose stack with
 
 conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
 	scripts/conformance.sh
+
+autobahn: ## Autobahn|Testsuite 1-10 (no deflate) via nginx, ws+wss, patched vs stock (root); AUTOBAHN_ARGS="--skip-9"
+	tests/autobahn/run.sh $(AUTOBAHN_ARGS)
 
 bench: bootstrap ## benchmark against the README's targets P1-P5 (about 10 min); BENCH_ARGS="--quick" or see --help
 	.venv/bin/python bench/bench.py $(BENCH_ARGS)
