@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance fuzz fuzz-replay bench wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -24,6 +24,9 @@ test-compose: ## without Docker: build the images and run the compose stack with
 
 conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
 	scripts/conformance.sh
+
+autobahn: ## Autobahn|Testsuite 1-10 (no deflate) via nginx, ws+wss, patched vs stock (root); AUTOBAHN_ARGS="--skip-9"
+	tests/autobahn/run.sh $(AUTOBAHN_ARGS)
 
 # `make fuzz FUZZ_SECONDS=3600` for a longer run; FUZZ_ARGS passes libFuzzer options.
 FUZZ_SECONDS ?= 300

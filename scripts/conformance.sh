@@ -8,20 +8,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/bootstrap.sh >/dev/null
 
+scripts/stock-uwsgi.sh
 stock=.run/stock-venv
-if ! "$stock/bin/uwsgi" --version 2>/dev/null | grep -qx '[0-9.]*'; then
-    echo "conformance: building stock uWSGI into $stock" >&2
-    python3 -m venv "$stock"
-    "$stock/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI \
-        -r uwsgi-app/requirements.txt -r flask-app/requirements.txt
-fi
-
-# Stock uWSGI (strict mode) refuses the options the patches add: it runs a copy of the apps'
-# config without them (only those lines differ).
-stock_config=.run/stock-config
-rm -rf "$stock_config" && mkdir -p "$stock_config"
-cp -r common uwsgi-app flask-app "$stock_config"/
-sed -i '/^websockets-frame-\(rate\|burst\) = /d' "$stock_config/common/uwsgi-base.ini"
 
 pids=()
 cleanup() { for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done; }
@@ -30,11 +18,10 @@ port=18300
 urls=()
 for build in stock patched; do
     bin=$([ "$build" = stock ] && echo "$stock/bin/uwsgi" || echo .venv/bin/uwsgi)
-    config=$([ "$build" = stock ] && echo "$stock_config" || echo .)
     for app in uwsgi-app flask-app; do
         port=$((port + 1))
         WSSTACK_ALLOW_STOCK_UWSGI=1 UWSGI_PROCESSES=1 UWSGI_HTTP_SOCKET="127.0.0.1:$port" \
-            "$bin" --ini "$config/$app/uwsgi.ini" >".run/conformance-$build-$app.log" 2>&1 &
+            "$bin" --ini "$app/uwsgi.ini" >".run/conformance-$build-$app.log" 2>&1 &
         pids+=($!)
         PYTHONPATH=common .venv/bin/python - "$port" <<'PY'
 import sys, time, urllib.request

@@ -39,7 +39,9 @@ def dockerfile_env(service):
 def ini_defaults():
     """The default each if-not-env block of common/uwsgi-base.ini applies, by variable name."""
     text = (REPO / "common" / "uwsgi-base.ini").read_text()
-    return {var: value for var, value in re.findall(r"if-not-env = (\w+)\n[\w-]+ = (\S+)\nendif =", text)}
+    # (a default given to a placeholder, set-placeholder = name=value, is the value)
+    return {var: value for var, value in re.findall(r"if-not-env = (\w+)\n[\w-]+ = (?:\w+=)?(\S+)\nendif =", text)
+            if var != "WSSTACK_ALLOW_STOCK_UWSGI"}
 
 
 @pytest.fixture
