@@ -92,6 +92,12 @@ def test_github_anchor_rules():
         "limits-what-one-client-can-take-from-the-others"
 
 
+def test_repeated_headings_get_numbered_anchors(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("# Title\n\n## Limits\n\n```text\n## not a heading\n```\n\n## Limits\n\n### Limits\n")
+    assert anchors(page) == {"title", "limits", "limits-1", "limits-2"}
+
+
 @pytest.mark.parametrize("page", PAGES, ids=lambda page: str(page.relative_to(REPO)))
 def test_every_relative_link_and_anchor_resolves(page):
     assert broken_links(page) == []
