@@ -178,10 +178,8 @@ def test_every_setting_is_documented_with_its_default():
 
 def test_every_documented_setting_exists():
     """No variable stays in the table after the code stopped reading it."""
-    result = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True)
-    sources = [REPO / path for path in result.stdout.splitlines()
-               if not path.endswith(".md") and (REPO / path).is_file() and not path.endswith(".png")]
+    sources = [REPO / path for path in repository_files()
+               if not path.endswith((".md", ".png")) and (REPO / path).is_file()]
     text = "\n".join(path.read_text(errors="replace") for path in sources)
     assert {name for name in configuration_table() if not re.search(rf"\b{name}\b", text)} == set()
 
