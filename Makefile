@@ -37,7 +37,7 @@ fuzz: bootstrap ## fuzz the patched WebSocket engine for FUZZ_SECONDS (300) with
 fuzz-replay: bootstrap ## replay the committed fuzz corpus and regression inputs once (bounded, for CI)
 	common/uwsgi-fuzz/run.sh replay
 
-bench: bootstrap ## benchmark against the README's targets P1-P5 (about 10 min); BENCH_ARGS="--quick" or see --help
+bench: bootstrap ## benchmark against the targets P1-P5 of docs/benchmark.md (about 10 min); BENCH_ARGS="--quick" or see --help
 	.venv/bin/python bench/bench.py $(BENCH_ARGS)
 
 wheelhouse: bootstrap ## download every pinned Python package into wheelhouse/ (for offline image builds)

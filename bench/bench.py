@@ -1,4 +1,4 @@
-"""`make bench`: measure the stack, print ratios against the README's targets P1-P5.
+"""`make bench`: measure the stack, print ratios against the targets P1-P5 (docs/benchmark.md).
 
 Starts its own local stack (scripts/stack.py, on free loopback ports, with the abuse limits
 lifted: a benchmark is abuse by design), a reference echo server (picows) behind an nginx

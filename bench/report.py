@@ -20,7 +20,7 @@ def ratio(numerator, denominator):
 
 
 def targets(results, cell):
-    """[{id, what, measured, target, met}] for the README's P1-P5."""
+    """[{id, what, measured, target, met}] for the targets P1-P5 (docs/benchmark.md)."""
     rate = lambda target: echo_rate(results, target, cell)  # noqa: E731
     where = f"{cell[0]} connections x {cell[1]} B"
     processes = results["idle"]["processes"]

@@ -3,7 +3,7 @@
 Routes (nginx mounts them under /flask/):
   GET /healthz   JSON health, 200 once the app is loaded
   GET /ws/echo   WebSocket: every message comes back unchanged, in order
-  GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, README "Chat")
+  GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, docs/chat.md)
 """
 import gevent
 from flask import Flask, Response

@@ -61,7 +61,7 @@ DEFAULTS = {
     "LOCAL_STOP_TIMEOUT": "20",
     "LOCAL_REPLICAS": "1",
     "UWSGI_WEBSOCKETS_PING_FREQ": "20",
-    # internal only (README "Observability"): each app's /metrics socket and uWSGI stats server
+    # internal only (docs/operations.md, "Observability"): each app's /metrics socket and uWSGI stats server
     "LOCAL_UWSGI_APP_METRICS_PORT": "9001",
     "LOCAL_FLASK_APP_METRICS_PORT": "9002",
     "LOCAL_UWSGI_APP_STATS_PORT": "9011",

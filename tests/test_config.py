@@ -1,8 +1,6 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
 import re
 import shlex
-import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -127,45 +125,3 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
     # nginx must outlast the pings by default, not only in the tests' shortened setup.
     assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])
-
-
-def test_every_setting_is_documented_in_the_readme():
-    readme = (REPO / "README.md").read_text()
-    table = set(re.findall(r"^\| `(\w+)` \|", readme, re.M))
-    compose_text = (REPO / "docker-compose.yml").read_text()
-    compose_text = "\n".join(line for line in compose_text.splitlines() if not line.lstrip().startswith("#"))
-    used = set(re.findall(r"\$\{(\w+):-", compose_text))
-    used |= set(ini_defaults()) | set(load_stack_module().DEFAULTS)
-    used |= {k for k in dockerfile_env("nginx") if k.startswith("NGINX_")}
-    used |= {"REDIS_URL", "STACK_BASE_URL", "STACK_MODE"}
-    assert used - table == set()
-
-
-def readme_tree():
-    """Paths listed in the README's Layout tree (directories end with /)."""
-    readme = (REPO / "README.md").read_text()
-    block = re.search(r"^## Layout\n+```text\n\.\n(.*?)^```", readme, re.M | re.S).group(1)
-    paths, parents = set(), []
-    for line in block.splitlines():
-        match = re.match(r"^((?:│   |    )*)(?:├── |└── )(\S+)", line)
-        assert match, f"unexpected line in the README tree: {line!r}"
-        depth = len(match.group(1)) // 4
-        parents = parents[:depth] + [match.group(2)]
-        paths.add("/".join(name.rstrip("/") for name in parents) + ("/" if match.group(2).endswith("/") else ""))
-    return paths
-
-
-def test_readme_tree_matches_the_repository():
-    listed = readme_tree()
-    result = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=REPO,
-        capture_output=True, text=True, check=True,
-    )
-    files = {path for path in result.stdout.splitlines() if (REPO / path).exists()}
-    directories = {str(parent) + "/" for path in files for parent in Path(path).parents if str(parent) != "."}
-    # A folder listed without children stands for all its files (seed and crash inputs).
-    collapsed = {p for p in listed if p.endswith("/") and not any(q != p and q.startswith(p) for q in listed)}
-    files_listed = {p for p in listed if not p.endswith("/")}
-    assert files_listed | {f for f in files if any(f.startswith(c) for c in collapsed)} == files
-    assert {p for p in listed if p.endswith("/")} == {d for d in directories if not any(
-        d != c and d.startswith(c) for c in collapsed)}

@@ -1,7 +1,7 @@
 """RFC 6455 behaviour of both backends through nginx, and isolation from hostile clients.
 
 The checks themselves live in common/wsstack/conformance.py, which is also the project's
-`conformance` command (README); here each one is a test, for each backend.
+`conformance` command (docs/upstream-defects.md); here each one is a test, for each backend.
 """
 import os
 import signal

@@ -1,4 +1,4 @@
-"""Chat rooms on a Redis Streams backplane, shared by both apps (protocol: README, "Chat").
+"""Chat rooms on a Redis Streams backplane, shared by both apps (protocol: docs/chat.md).
 
 Each room is one stream, `chat:<room>`, capped at CHAT_STREAM_MAXLEN entries; a message's id
 is its stream entry id, so ids grow and every client sees the same order. A client that
