@@ -91,7 +91,7 @@ def test_same_origin_and_originless_clients_are_accepted(backend, origin):
 
 
 def test_the_health_probe_accepts_a_ping_sent_along_with_the_101():
-    """A server may ping at once (flask-app does): the ping can arrive in the same read as
+    """A server may ping at once (flask-app did before patch 0020): the ping can arrive in the same read as
     the handshake's answer, and the probe (compose's healthcheck) must still pass."""
     import base64
     import hashlib
