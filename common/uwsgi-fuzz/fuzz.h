@@ -38,6 +38,14 @@ struct fuzz_conn {
 	size_t write_room;
 	int write_wait_action;
 	int write_broken;	/* a write failed after part of a frame went out */
+	/* the app called the engine on this connection while the rest of a close frame the
+	   graceful stop could not write was pending (websocket_close_pending) */
+	int woke_with_pending;
+	int peer_reset;		/* a read failed with ECONNRESET: nothing we write arrives */
+	/* `delivered` when the worker's other connections last got to run (a wait, a yield) or
+	   the receive call began; in_recv: a receive call is running */
+	size_t yield_mark;
+	int in_recv;
 	size_t delivered;	/* bytes the engine has read from the peer (reference model) */
 	/* the buffer of a write that is partly out (write_pos > 0): the next write from that
 	   position must be the rest of the same bytes */
@@ -67,6 +75,11 @@ extern uint64_t fuzz_clock_us;
 extern void (*fuzz_during_wait)(struct fuzz_conn *);
 /* set by the harness: runs what another greenlet does while a write waits (wait_write_hook) */
 extern void (*fuzz_during_write_wait)(struct fuzz_conn *);
+/* set by the harness: called before each socket read of a receive call (all the bytes read
+   before were consumed then), to count the frames consumed since the last yield */
+extern void (*fuzz_before_read)(struct fuzz_conn *);
+/* the connection whose receive call is running (wait_milliseconds_hook has no fd) */
+extern struct fuzz_conn *fuzz_current;
 
 struct fuzz_conn *fuzz_conn_of(struct wsgi_request *);
 struct fuzz_conn *fuzz_conn_of_fd(int fd);

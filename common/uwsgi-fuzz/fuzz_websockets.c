@@ -257,6 +257,22 @@ void fuzz_headers_written(struct fuzz_conn *c, const char *h, size_t len) {
 	}
 }
 
+/* FUZZ_KNOWN=name,... (a long campaign's option, never for replay): the oracle of a known,
+   unfixed engine bug (crashes/<name>-*) logs once instead of aborting, so the run can find
+   other bugs. Names: pending-close, dropped-messages-yield. */
+static int known_bug(const char *name) {
+	static const char *seen[8];
+	const char *list = getenv("FUZZ_KNOWN");
+	if (!list || !strstr(list, name)) return 0;
+	int i;
+	for (i = 0; i < 8 && seen[i]; i++) {
+		if (seen[i] == name) return 1;
+	}
+	if (i < 8) seen[i] = name;
+	fprintf(stderr, "==KNOWN== %s (FUZZ_KNOWN): not aborting\n", name);
+	return 1;
+}
+
 /* --- the reference model: the peer's bytes, parsed independently of the engine ---------- */
 
 struct ref_msg {
@@ -278,6 +294,8 @@ struct ref {
 	size_t store_len, store_cap;
 	struct ref_msg *msgs;
 	size_t nmsgs, msgs_cap;
+	size_t *frame_ends;	/* the stream offset just past each frame, in order */
+	size_t nframes, frames_cap;
 	size_t next;		/* the next message the engine must return */
 	int off;		/* stopped comparing: our close frame went out (messages are dropped) */
 };
@@ -296,6 +314,7 @@ static void ref_reset(struct ref *f) {
 	free(f->in);
 	free(f->store);
 	free(f->msgs);
+	free(f->frame_ends);
 	memset(f, 0, sizeof(*f));
 }
 
@@ -331,6 +350,8 @@ static void ref_parse(struct ref *f) {
 		if (avail - hlen < size) return;
 		const uint8_t *mask = h + 2 + ext, *p = h + hlen;
 		f->pos += hlen + size;
+		f->frame_ends = grow(f->frame_ends, &f->frames_cap, f->nframes + 1, sizeof(*f->frame_ends));
+		f->frame_ends[f->nframes++] = f->pos;
 		if (opcode == 8) { f->dead = "the peer's close"; return; }
 		if (opcode >= 8) continue;	// ping, pong: not messages
 		if (!f->in_msg) {
@@ -384,9 +405,33 @@ static void ref_check(struct fuzz_conn *c, struct uwsgi_buffer *ub, int over, ti
 		          c->index, api, c->delivered, f->next, f->msgs[f->next].len, f->msgs[f->next].opcode, f->msgs[f->next].end);
 	// after our close frame the peer's messages are dropped
 	if (r->websocket_close_sent) f->off = 1;
-	if (over && r->websocket_close_sent && !r->write_errors && !c->write_broken && (r->websocket_close_pending || !c->close_written))
+	if (over && r->websocket_close_sent && !r->write_errors && !c->write_broken && !c->peer_reset && (r->websocket_close_pending || !c->close_written)
+	    && !(r->websocket_close_pending && known_bug("pending-close")))
 		fuzz_fail("conn %d: %s ended the connection with our close frame not all out (%zu bytes on the wire, %s)", c->index, api,
 		          c->out_len, r->websocket_close_pending ? "the rest pending" : "none pending");
+}
+
+// 0015: one receive call lets the worker's other connections run every 256 frames it
+// consumes that are not returned messages. Before each read all the bytes read so far are
+// consumed: the frames that ended after the last yield were consumed without one (an
+// undercount when the yield came mid-buffer, never an overcount). Lingering (after a failure)
+// only drains, and yields by bytes.
+#define FUZZ_FRAMES_PER_YIELD 256
+static void before_read(struct fuzz_conn *c) {
+	struct ref *f = &refs[c->index];
+	if (!c->in_recv || c->req->websocket_closed) return;
+	size_t lo = 0, hi = f->nframes;
+	// frames ending at or before yield_mark, by binary search; then those up to delivered
+	while (lo < hi) {
+		size_t mid = (lo + hi) / 2;
+		if (f->frame_ends[mid] <= c->yield_mark) lo = mid + 1;
+		else hi = mid;
+	}
+	size_t n = 0, i;
+	for (i = lo; i < f->nframes && f->frame_ends[i] <= c->delivered; i++) n++;
+	if (n > FUZZ_FRAMES_PER_YIELD + 1 && !known_bug("dropped-messages-yield"))
+		fuzz_fail("conn %d: %zu frames consumed in one receive call without a yield (bytes %zu-%zu; at most %d between yields)",
+		          c->index, n, c->yield_mark, c->delivered, FUZZ_FRAMES_PER_YIELD);
 }
 
 /* --- connection lifecycle ---------------------------------------------------------------- */
@@ -396,8 +441,12 @@ static int conn_started[FUZZ_CONNS];
 // what uwsgi_close_request() (core/utils.c) frees of a WebSocket request, then its reset
 static void end_request(struct fuzz_conn *c) {
 	struct wsgi_request *r = c->req;
-	// a write that failed may leave part of a frame out: the peer is gone anyway
-	if (c->headers_written && c->out_len && !c->write_broken && !r->write_errors)
+	// a write that failed may leave part of a frame out: the peer is gone anyway. The rest of
+	// a close frame the graceful stop left pending goes out from the connection's greenlet
+	// when it calls the engine: a request that ends before it does loses it (the app returned
+	// without calling the engine again; uwsgi_close_request frees it)
+	if (c->headers_written && c->out_len && !c->write_broken && !r->write_errors && !c->peer_reset
+	    && (!r->websocket_close_pending || (c->woke_with_pending && !known_bug("pending-close"))))
 		fuzz_fail("conn %d: ended inside a server frame (%zu bytes%s)", c->index, c->out_len,
 		          r->websocket_close_pending ? ", the rest of our close frame pending" : "");
 	if (r->proto_parser_buf) free(r->proto_parser_buf);
@@ -597,6 +646,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
 	fuzz_stubs_init();
 	fuzz_during_wait = during_wait;
 	fuzz_during_write_wait = during_write_wait;
+	fuzz_before_read = before_read;
 	uwsgi_websockets_init();
 	return 0;
 }
@@ -625,6 +675,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 			if (!conn_started[c->index]) continue;
 		}
 		struct wsgi_request *r = c->req;
+		if (r->websocket_close_pending && ((action >= 5 && action <= 9) || action == 17 || action == 19)) c->woke_with_pending = 1;
+		if (action == 5 || action == 6 || action == 17) {
+			c->in_recv = 1;
+			c->yield_mark = c->delivered;
+			fuzz_current = c;
+		}
 		switch (action) {
 		case 0:
 		case 1: {
@@ -702,6 +758,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 			break;
 		}
 		}
+		c->in_recv = 0;
+		fuzz_current = NULL;
 	}
 	int i;
 	for (i = 0; i < FUZZ_CONNS; i++) {

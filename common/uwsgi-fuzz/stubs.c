@@ -19,6 +19,8 @@ struct fuzz_conn fuzz_conns[FUZZ_CONNS];
 uint64_t fuzz_clock_us;
 void (*fuzz_during_wait)(struct fuzz_conn *);
 void (*fuzz_during_write_wait)(struct fuzz_conn *);
+void (*fuzz_before_read)(struct fuzz_conn *);
+struct fuzz_conn *fuzz_current;
 
 static struct uwsgi_socket fuzz_socket;
 static struct uwsgi_worker fuzz_workers[2];
@@ -106,6 +108,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 	}
 	struct fuzz_conn *c = fuzz_conn_of(wsgi_req);
 	if (len == 0) return 0;
+	if (fuzz_before_read) fuzz_before_read(c);
 	if (!fuzz_has_input(c)) {
 		errno = EAGAIN;
 		return -1;
@@ -131,6 +134,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 	case READ_EOF:
 		return 0;
 	case READ_RESET:
+		c->peer_reset = 1;
 		errno = ECONNRESET;
 		return -1;
 	}
@@ -141,6 +145,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 static int fuzz_wait_read(int fd, int timeout) {
 	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
 	if (!c) fuzz_fail("wait_read_hook on fd %d, not a fuzzed connection", fd);
+	c->yield_mark = c->delivered;
 	if (c->in_wait_action && fuzz_during_wait) fuzz_during_wait(c);
 	if (c->wait_errors > 0) {
 		c->wait_errors--;
@@ -159,6 +164,7 @@ static int fuzz_wait_write(int fd, int timeout) {
 	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
 	if (!c) fuzz_fail("wait_write_hook on fd %d, not a fuzzed connection", fd);
 	if (!c->write_blocked) return 1;
+	c->yield_mark = c->delivered;
 	int action = c->write_wait_action;
 	c->write_wait_action = 0;
 	if ((action & 1) && fuzz_during_write_wait) fuzz_during_write_wait(c);
@@ -172,6 +178,8 @@ static int fuzz_wait_write(int fd, int timeout) {
 }
 
 static int fuzz_wait_milliseconds(int ms) {
+	// with gevent a switch to the hub: the worker's other connections run
+	if (fuzz_current) fuzz_current->yield_mark = fuzz_current->delivered;
 	fuzz_clock_us += (uint64_t) (ms > 0 ? ms : 0) * 1000;
 	return 0;
 }
