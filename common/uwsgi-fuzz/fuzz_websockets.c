@@ -57,7 +57,8 @@
  * carries the right Sec-WebSocket-Accept and at most one protocol, each message returned to
  * the app is text or binary, within websockets-max-size, and valid UTF-8 when text.
  * uwsgi_websocket_valid_close_code() and uwsgi_websocket_valid_utf8() agree with the
- * harness's own tables.
+ * harness's own tables. A receive call consumes at most 256 frames between two yields
+ * (before_read()). FUZZ_KNOWN (README.md) turns the oracle of a known bug into a log line.
  * Reference model: the harness parses what the peer sent with its own RFC 6455 parser
  * (struct ref): each message a receive call returns (recv, recv_nb, try_recv) must be the
  * reference's next complete message (opcode and payload), none may come after a frame the
@@ -700,10 +701,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 			if (ub) {
 				check_message(c, ub, nb);
 				// recv_nb's empty buffer is an empty message only when the reference's next
-				// message is empty and was read; else it means nothing yet (ref_check)
+				// message is empty and was read, and no close frame of ours went out (after
+				// it the peer's messages are dropped); else it means nothing yet (ref_check)
 				struct ref *f = &refs[c->index];
 				int message = !nb || ub->pos > 0
-				              || (!f->off && f->next < f->nmsgs && f->msgs[f->next].len == 0 && f->msgs[f->next].end <= c->delivered);
+				              || (!f->off && !r->websocket_close_sent && f->next < f->nmsgs && f->msgs[f->next].len == 0
+				                  && f->msgs[f->next].end <= c->delivered);
 				ref_check(c, message ? ub : NULL, 0, close_before, nb ? "recv_nb" : "recv");
 				// the plugins copy the message into a Python object and destroy the buffer
 				uwsgi_buffer_destroy(ub);

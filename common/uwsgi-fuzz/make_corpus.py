@@ -166,6 +166,8 @@ SEEDS = {
     "py-close-long-reason-4byte": session(py_close(1011, b"a" + "😀".encode() * 40)),
     # frames that are not messages, around websockets-frame-rate's yield every 256
     "ping-flood-300": session(data16(frame(10) * 300), op(TRY_RECV), op(TRY_RECV)),
+    # the campaign's only harness bug: an empty message dropped after our 1001 is not one recv_nb returns
+    "recv-nb-empty-message-after-our-close": session(data(frame(1) + frame(2, fin=False)), op(GOING_AWAY), op(RECV_NB)),
     "messages-after-our-close": session(op(CLOSE) + struct.pack(">H", 1000) + b"\x00", data(frame(1, b"dropped") + frame(8, close_payload(1000))), op(TRY_RECV)),
 }
 
