@@ -30,6 +30,27 @@ struct fuzz_conn {
 	int in_wait_action;
 	uint16_t in_wait_code;
 	int write_fail;		/* the next response write fails */
+	/* the peer stops reading (WRITE_BLOCK): the socket takes write_room more bytes, then
+	   writes get EAGAIN until a wait_write_hook, which drains it; write_wait_action says
+	   what happens during that wait (bit 0: the graceful stop runs from the hub, bit 1: the
+	   wait times out, as socket-timeout does) */
+	int write_blocked;
+	size_t write_room;
+	int write_wait_action;
+	int write_broken;	/* a write failed after part of a frame went out */
+	/* the app called the engine on this connection while the rest of a close frame the
+	   graceful stop could not write was pending (websocket_close_pending) */
+	int woke_with_pending;
+	int peer_reset;		/* a read failed with ECONNRESET: nothing we write arrives */
+	/* `delivered` when the worker's other connections last got to run (a wait, a yield) or
+	   the receive call began; in_recv: a receive call is running */
+	size_t yield_mark;
+	int in_recv;
+	size_t delivered;	/* bytes the engine has read from the peer (reference model) */
+	/* the buffer of a write that is partly out (write_pos > 0): the next write from that
+	   position must be the rest of the same bytes */
+	uint8_t *inflight;
+	size_t inflight_len;
 	int shut_wr;
 	int headers_written;
 	/* the server frames written so far, checked as they complete */
@@ -42,12 +63,23 @@ struct fuzz_conn {
 	const uint8_t *client_proto;
 	size_t client_proto_len;
 	int app_proto_given;
+	/* the app's close being sent: the close frame the wire must carry (code, reason cut at
+	   a character boundary), or expect_close_len = 0 */
+	uint8_t expect_close[125];
+	size_t expect_close_len;
 };
 
 extern struct fuzz_conn fuzz_conns[FUZZ_CONNS];
 extern uint64_t fuzz_clock_us;
 /* set by the harness: runs a connection's in_wait_action from inside wait_read_hook */
 extern void (*fuzz_during_wait)(struct fuzz_conn *);
+/* set by the harness: runs what another greenlet does while a write waits (wait_write_hook) */
+extern void (*fuzz_during_write_wait)(struct fuzz_conn *);
+/* set by the harness: called before each socket read of a receive call (all the bytes read
+   before were consumed then), to count the frames consumed since the last yield */
+extern void (*fuzz_before_read)(struct fuzz_conn *);
+/* the connection whose receive call is running (wait_milliseconds_hook has no fd) */
+extern struct fuzz_conn *fuzz_current;
 
 struct fuzz_conn *fuzz_conn_of(struct wsgi_request *);
 struct fuzz_conn *fuzz_conn_of_fd(int fd);

@@ -18,6 +18,9 @@ struct uwsgi_server uwsgi;
 struct fuzz_conn fuzz_conns[FUZZ_CONNS];
 uint64_t fuzz_clock_us;
 void (*fuzz_during_wait)(struct fuzz_conn *);
+void (*fuzz_during_write_wait)(struct fuzz_conn *);
+void (*fuzz_before_read)(struct fuzz_conn *);
+struct fuzz_conn *fuzz_current;
 
 static struct uwsgi_socket fuzz_socket;
 static struct uwsgi_worker fuzz_workers[2];
@@ -100,10 +103,12 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 		memcpy(buf, wsgi_req->proto_parser_remains_buf, n);
 		wsgi_req->proto_parser_remains -= n;
 		wsgi_req->proto_parser_remains_buf += n;
+		fuzz_conn_of(wsgi_req)->delivered += n;
 		return n;
 	}
 	struct fuzz_conn *c = fuzz_conn_of(wsgi_req);
 	if (len == 0) return 0;
+	if (fuzz_before_read) fuzz_before_read(c);
 	if (!fuzz_has_input(c)) {
 		errno = EAGAIN;
 		return -1;
@@ -115,6 +120,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 		if (n > len) n = len;
 		memcpy(buf, r->data + c->read_offset, n);
 		c->read_offset += n;
+		c->delivered += n;
 		if (c->read_offset == r->len) {
 			c->read_head++;
 			c->read_offset = 0;
@@ -128,6 +134,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 	case READ_EOF:
 		return 0;
 	case READ_RESET:
+		c->peer_reset = 1;
 		errno = ECONNRESET;
 		return -1;
 	}
@@ -138,6 +145,7 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 static int fuzz_wait_read(int fd, int timeout) {
 	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
 	if (!c) fuzz_fail("wait_read_hook on fd %d, not a fuzzed connection", fd);
+	c->yield_mark = c->delivered;
 	if (c->in_wait_action && fuzz_during_wait) fuzz_during_wait(c);
 	if (c->wait_errors > 0) {
 		c->wait_errors--;
@@ -149,38 +157,114 @@ static int fuzz_wait_read(int fd, int timeout) {
 	return 0;
 }
 
-// The fuzzed peer never applies backpressure: the socket is always writable.
+// The socket is writable unless the peer stopped reading (WRITE_BLOCK). Then the writer's wait
+// is where the hub runs other greenlets (write_wait_action bit 0: the graceful stop), and it
+// either sees the peer read everything (1) or lasts the whole timeout (bit 1: 0, a write error).
 static int fuzz_wait_write(int fd, int timeout) {
-	if (!fuzz_conn_of_fd(fd)) fuzz_fail("wait_write_hook on fd %d, not a fuzzed connection", fd);
+	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
+	if (!c) fuzz_fail("wait_write_hook on fd %d, not a fuzzed connection", fd);
+	if (!c->write_blocked) return 1;
+	c->yield_mark = c->delivered;
+	int action = c->write_wait_action;
+	c->write_wait_action = 0;
+	if ((action & 1) && fuzz_during_write_wait) fuzz_during_write_wait(c);
+	if (action & 2) {
+		fuzz_clock_us += (uint64_t) (timeout > 0 ? timeout : 0) * 1000000;
+		c->write_broken = 1;
+		return 0;
+	}
+	c->write_blocked = 0;
 	return 1;
 }
 
 static int fuzz_wait_milliseconds(int ms) {
+	// with gevent a switch to the hub: the worker's other connections run
+	if (fuzz_current) fuzz_current->yield_mark = fuzz_current->delivered;
 	fuzz_clock_us += (uint64_t) (ms > 0 ? ms : 0) * 1000;
 	return 0;
 }
 
 /* --- the engine's writes ---------------------------------------------------------------- */
 
-static int fuzz_write(struct wsgi_request *wsgi_req, const char *buf, size_t len) {
-	struct fuzz_conn *c = fuzz_conn_of(wsgi_req);
-	if (wsgi_req->write_errors) return -1;
+// write(2) on the fuzzed socket: what it takes goes to the wire oracle.
+static ssize_t fuzz_socket_write(struct fuzz_conn *c, const char *buf, size_t len) {
 	if (c->write_fail) {
 		c->write_fail = 0;
-		wsgi_req->write_errors++;
+		c->write_broken = 1;
+		errno = EPIPE;
 		return -1;
 	}
+	if (c->write_blocked) {
+		if (c->write_room == 0) {
+			errno = EAGAIN;
+			return -1;
+		}
+		if (len > c->write_room) len = c->write_room;
+		c->write_room -= len;
+	}
 	fuzz_wire_write(c, buf, len);
-	return 0;
+	return len;
 }
 
-int uwsgi_response_write_body_do(struct wsgi_request *wsgi_req, char *buf, size_t len) {
-	if (!wsgi_req->headers_sent) fuzz_fail("response body written before the 101 headers");
-	return fuzz_write(wsgi_req, buf, len);
-}
-
+// uwsgi_proto_base_write() (proto/base.c): one write from the request's write position, which
+// it advances; UWSGI_AGAIN while the buffer is not all out
 static int fuzz_proto_write(struct wsgi_request *wsgi_req, char *buf, size_t len) {
-	return fuzz_write(wsgi_req, buf, len);
+	struct fuzz_conn *c = fuzz_conn_of(wsgi_req);
+	// uWSGI keeps one write position per request: a write that starts while another one is
+	// partly out would send the other's rest from this buffer
+	if (wsgi_req->write_pos) {
+		if (!c->inflight || len != c->inflight_len || memcmp(buf, c->inflight, len))
+			fuzz_fail("conn %d: a %zu-byte write (0x%02x...) continues at position %zu of another frame (%zu bytes, 0x%02x...) that is partly out",
+			          c->index, len, len ? (uint8_t) buf[0] : 0, wsgi_req->write_pos, c->inflight_len, c->inflight ? c->inflight[0] : 0);
+	}
+	else {
+		free(c->inflight);
+		c->inflight = NULL;
+	}
+	ssize_t wlen = fuzz_socket_write(c, buf + wsgi_req->write_pos, len - wsgi_req->write_pos);
+	if (wlen > 0) wsgi_req->write_pos += wlen;
+	if (wsgi_req->write_pos && wsgi_req->write_pos < len && !c->inflight) {
+		c->inflight = uwsgi_malloc(len);
+		memcpy(c->inflight, buf, len);
+		c->inflight_len = len;
+	}
+	if (wlen > 0) {
+		if (wsgi_req->write_pos == len) {
+			free(c->inflight);
+			c->inflight = NULL;
+			return UWSGI_OK;
+		}
+		return UWSGI_AGAIN;
+	}
+	if (wlen < 0 && errno == EAGAIN) return UWSGI_AGAIN;
+	return -1;
+}
+
+// uwsgi_response_write_body_do() (core/writer.c) after the headers, without routing or
+// transformations: proto_write until all is out, waiting (wait_write_hook, socket-timeout)
+// whenever the socket is full; the write position is the request's, shared by every writer
+int uwsgi_response_write_body_do(struct wsgi_request *wsgi_req, char *buf, size_t len) {
+	if (wsgi_req->write_errors) return -1;
+	if (!wsgi_req->headers_sent) fuzz_fail("response body written before the 101 headers");
+	if (len == 0) return UWSGI_OK;
+	for (;;) {
+		errno = 0;
+		int ret = wsgi_req->socket->proto_write(wsgi_req, buf, len);
+		if (ret < 0) {
+			wsgi_req->write_errors++;
+			return -1;
+		}
+		if (ret == UWSGI_OK) break;
+		if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINPROGRESS) continue;
+		ret = uwsgi.wait_write_hook(wsgi_req->fd, uwsgi.socket_timeout);
+		if (ret <= 0) {
+			wsgi_req->write_errors++;
+			return -1;
+		}
+	}
+	wsgi_req->response_size += wsgi_req->write_pos;
+	wsgi_req->write_pos = 0;
+	return UWSGI_OK;
 }
 
 // core/writer.c keeps the headers in wsgi_req->headers (a page) until the request ends; the
@@ -225,13 +309,7 @@ int uwsgi_response_write_headers_do(struct wsgi_request *wsgi_req) {
 ssize_t send(int fd, const void *buf, size_t len, int flags) {
 	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
 	if (!c) return syscall(SYS_sendto, fd, buf, len, flags, NULL, 0);
-	if (c->write_fail) {
-		c->write_fail = 0;
-		errno = EPIPE;
-		return -1;
-	}
-	fuzz_wire_write(c, buf, len);
-	return len;
+	return fuzz_socket_write(c, buf, len);
 }
 
 int shutdown(int fd, int how) {
@@ -299,6 +377,7 @@ int uwsgi_waitfd_event(int fd, int timeout, int event) {
 void fuzz_stubs_init(void) {
 	uwsgi.page_size = 4096;
 	uwsgi.async = FUZZ_CONNS;
+	uwsgi.socket_timeout = 30;
 	uwsgi.mywid = 1;
 	fuzz_workers[1].cores = fuzz_cores;
 	uwsgi.workers = fuzz_workers;
