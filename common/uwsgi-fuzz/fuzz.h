@@ -38,9 +38,6 @@ struct fuzz_conn {
 	size_t write_room;
 	int write_wait_action;
 	int write_broken;	/* a write failed after part of a frame went out */
-	/* the app called the engine on this connection while the rest of a close frame the
-	   graceful stop could not write was pending (websocket_close_pending) */
-	int woke_with_pending;
 	int peer_reset;		/* a read failed with ECONNRESET: nothing we write arrives */
 	/* `delivered` when the worker's other connections last got to run (a wait, a yield) or
 	   the receive call began; in_recv: a receive call is running */

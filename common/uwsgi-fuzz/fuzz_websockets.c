@@ -442,20 +442,18 @@ static int conn_started[FUZZ_CONNS];
 // what uwsgi_close_request() (core/utils.c) frees of a WebSocket request, then its reset
 static void end_request(struct fuzz_conn *c) {
 	struct wsgi_request *r = c->req;
-	// a write that failed may leave part of a frame out: the peer is gone anyway. The rest of
-	// a close frame the graceful stop left pending goes out from the connection's greenlet
-	// when it calls the engine: a request that ends before it does loses it (the app returned
-	// without calling the engine again; uwsgi_close_request frees it)
-	if (c->headers_written && c->out_len && !c->write_broken && !r->write_errors && !c->peer_reset
-	    && (!r->websocket_close_pending || (c->woke_with_pending && !known_bug("pending-close"))))
-		fuzz_fail("conn %d: ended inside a server frame (%zu bytes%s)", c->index, c->out_len,
-		          r->websocket_close_pending ? ", the rest of our close frame pending" : "");
+	// as uwsgi_close_request() begins: the rest of a close frame the graceful stop left cut goes
+	// out now (patch 0017), so nothing may be left half written but after a write that failed
+	// (the peer is gone anyway)
+	if (r->websocket_close_pending) uwsgi_websocket_request_end(r);
+	if (r->websocket_close_pending) fuzz_fail("conn %d: uwsgi_websocket_request_end() kept the pending close frame", c->index);
+	if (c->headers_written && c->out_len && !c->write_broken && !r->write_errors && !c->peer_reset)
+		fuzz_fail("conn %d: ended inside a server frame (%zu bytes)", c->index, c->out_len);
 	if (r->proto_parser_buf) free(r->proto_parser_buf);
 	if (r->headers) uwsgi_buffer_destroy(r->headers);
 	if (r->websocket_buf) uwsgi_buffer_destroy(r->websocket_buf);
 	if (r->websocket_continuation) uwsgi_buffer_destroy(r->websocket_continuation);
 	if (r->websocket_send_buf) uwsgi_buffer_destroy(r->websocket_send_buf);
-	if (r->websocket_close_pending) uwsgi_buffer_destroy(r->websocket_close_pending);
 	int async_id = r->async_id;
 	memset(r, 0, sizeof(*r));
 	r->async_id = async_id;
@@ -676,7 +674,6 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 			if (!conn_started[c->index]) continue;
 		}
 		struct wsgi_request *r = c->req;
-		if (r->websocket_close_pending && ((action >= 5 && action <= 9) || action == 17 || action == 19)) c->woke_with_pending = 1;
 		if (action == 5 || action == 6 || action == 17) {
 			c->in_recv = 1;
 			c->yield_mark = c->delivered;
