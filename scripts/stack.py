@@ -427,9 +427,39 @@ def check_ports_free(settings):
                                       "stop what listens there or choose another port") from exc
 
 
+def check_nginx_workers_can_read(root):
+    """nginx started by root runs its workers as `nobody` (nginx.conf sets no `user`: the same
+    file serves the unprivileged container), and they must reach the demo page. A checkout
+    under a folder only its owner may enter (/root, a `mktemp -d` folder) would otherwise
+    answer 404 to every page, with the reason only in nginx's error log."""
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+
+    def allowed(path, bits):  # bits: (owner, group, other) permission bits for one access
+        st = path.stat()
+        if st.st_uid == nobody.pw_uid:
+            return bool(st.st_mode & bits[0])
+        if st.st_gid == nobody.pw_gid:
+            return bool(st.st_mode & bits[1])
+        return bool(st.st_mode & bits[2])
+
+    for folder in (root, *root.parents):
+        if not allowed(folder, (0o100, 0o010, 0o001)):
+            raise ConfigError(f"nginx's workers run as nobody (stack started as root) and cannot enter {folder} "
+                              f"(mode {folder.stat().st_mode & 0o777:o}), so the demo page would answer 404: run make run "
+                              f"as a normal user, or let others traverse it (chmod o+x {folder})")
+    for page in root.iterdir():
+        if page.is_file() and not allowed(page, (0o400, 0o040, 0o004)):
+            raise ConfigError(f"nginx's workers run as nobody (stack started as root) and cannot read {page}: chmod o+r it")
+
+
 def main():
     settings = load_settings(os.environ)
     check_ports_free(settings)
+    check_nginx_workers_can_read(REPO / "nginx" / "html")
     for tool in ("nginx", "redis-server", "envsubst", "dnsmasq", "openssl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"stack: {tool} not found; run `make bootstrap` first")

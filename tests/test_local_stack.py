@@ -75,6 +75,34 @@ def test_a_port_already_in_use_is_refused_before_anything_starts(tmp_path):
         run_stack_expecting_failure(tmp_path, {"LOCAL_REDIS_PORT": str(port)}, f"LOCAL_REDIS_PORT={port} is already in use")
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="nginx drops its workers to nobody only when started as root")
+def test_a_demo_page_nginx_workers_cannot_reach_is_refused_with_the_reason():
+    """Started as root, nginx serves the page from workers running as nobody: a checkout in a
+    folder only its owner may enter (/root, `mktemp -d`) answered 404 to every page before."""
+    import tempfile
+
+    stack = load_stack_module()
+    # not pytest's tmp_path: its folders are private themselves
+    with tempfile.TemporaryDirectory() as base:
+        Path(base).chmod(0o755)
+        check_page_access_refusals(stack, Path(base))
+
+
+def check_page_access_refusals(stack, tmp_path):
+    root = tmp_path / "private" / "html"
+    root.mkdir(parents=True)
+    (root / "index.html").write_text("<!doctype html>")
+    (tmp_path / "private").chmod(0o700)
+    with pytest.raises(SystemExit, match=r"cannot enter .*private \(mode 700\).*chmod o\+x"):
+        stack.check_nginx_workers_can_read(root)
+    (tmp_path / "private").chmod(0o755)
+    (root / "index.html").chmod(0o600)
+    with pytest.raises(SystemExit, match=r"cannot read .*index.html"):
+        stack.check_nginx_workers_can_read(root)
+    (root / "index.html").chmod(0o644)
+    stack.check_nginx_workers_can_read(root)  # readable: no complaint
+
+
 def test_a_dns_port_taken_on_udp_only_is_refused(tmp_path):
     import socket
 
