@@ -301,13 +301,13 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         self._readable.close()
 
 
-def _try_recv():
-    try_recv = getattr(uwsgi, "websocket_try_recv", None)
-    if try_recv is not None:
-        return try_recv()
+def _recv_nb_or_none():
     # A stock uWSGI (compared in `make conformance`) has no try_recv: its b'' means both
     # "nothing yet" and an empty message, which is then lost.
     return uwsgi.websocket_recv_nb() or None
+
+
+_try_recv = getattr(uwsgi, "websocket_try_recv", None) or _recv_nb_or_none
 
 
 MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive

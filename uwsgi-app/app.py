@@ -86,7 +86,7 @@ def converse(session):
         while True:
             gevent.wait([readable, session.wakeup], count=1, timeout=uwsgi_options.ping_interval())
             readable.clear()
-            # Also on a timeout: recv_nb is where uWSGI sends its pings.
+            # Also on a timeout: the non-blocking receive is where uWSGI sends its pings.
             while True:
                 # try_recv (patch 0016): None is "nothing more to read", b'' an empty message
                 payload = uwsgi.websocket_try_recv()
