@@ -51,6 +51,8 @@ STACK_SETTINGS = {
     "NGINX_WS_CONNECTIONS_PER_IP": "60000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100000",
     "NGINX_WS_HANDSHAKE_BURST": "100000",
+    "NGINX_AUTH_TOKENS_PER_MINUTE": "60000",
+    "NGINX_AUTH_TOKEN_BURST": "100000",
     "LOCAL_REPLICAS": "1",
 }
 FULL = {"rounds": 3, "connections": [1, 50, 200], "sizes": [32, 8192, 102400], "warmup": 0.5, "duration": 2.0,

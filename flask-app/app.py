@@ -9,10 +9,11 @@ import gevent
 from flask import Flask, Response
 
 from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
-from wsstack import chat, health, metrics, ratelimit
+from wsstack import auth, chat, health, metrics, ratelimit, uwsgi_options
 
 APP_NAME = "flask-app"
 HUB = chat.Hub(health.REDIS_URL)
+VERIFIER = auth.Verifier.from_environment(HUB.redis)
 
 app = Flask(__name__)
 websocket = GeventWebSocket(app)
@@ -39,16 +40,11 @@ def echo(client):
         client.send(message)
 
 
-@websocket.route("/ws/chat")
+# The compat layer runs `admit` before the upgrade: no token, a bad one or bad parameters get
+# their HTTP status (401, 400) as on uwsgi-app.
+@websocket.route("/ws/chat", admit=chat.handshake_check(VERIFIER))
 def chat_room(client):
-    # The package's route runs after the handshake: invalid parameters get close 1008.
-    try:
-        room, user, last_id = chat.parse_params(client.environ.get("QUERY_STRING", ""))
-    except chat.InvalidParams as exc:
-        metrics.handshake_failed("chat_params")
-        client.close(1008, str(exc).encode())
-        return
-    session = chat.Session(HUB, room, user, last_id, via="flask")
+    session = chat.Session(HUB, client.environ[chat.ADMISSION], via="flask")
     forwarder = None
     bucket = ratelimit.TokenBucket()
     try:
@@ -76,8 +72,12 @@ def chat_room(client):
 def forward_live_messages(session, client):
     try:
         while client.connected:
-            session.wakeup.wait()
+            session.wakeup.wait(timeout=session.wait_timeout(uwsgi_options.ping_interval()))
             for text in session.outgoing():
                 client.send(text)
+            # Waits until they are written: what a slow client has not taken stays in the
+            # session's bounded backlog (CHAT_SEND_BACKLOG), as on uwsgi-app, never in an
+            # unbounded send queue.
+            client.flush()
     except chat.Close as close:
         client.close(close.code, close.reason.encode())

@@ -31,6 +31,14 @@ shows each one is needed by running without it.
    binary frame for them or when called with binary=True, text otherwise (0.6.1's de-facto
    default). Needs uwsgi.websocket_opcode() from the project's uWSGI patches.
 
+Two additions to the package's API, which the project's chat needs:
+- `@ws.route(rule, admit=check)`: `check(environ)` runs before the upgrade and returns None
+  to go ahead or (reason, (status, headers, body)) to refuse with that HTTP answer, counted
+  by reason; the package runs routes only after the handshake, where a refusal can only be
+  a close code.
+- `client.flush()`: from a greenlet other than the view, write what it queued now, waiting
+  while the socket is full, so that a forwarder never piles up sends for a slow client.
+
 Beyond the fixes, the middleware applies the project's per-worker connection cap
 (wsstack.capacity: 503 at the handshake when the worker is full), as uwsgi-app does, and
 back-pressure: the package's middleware reads every message the socket has into an
@@ -94,6 +102,9 @@ class WebSocketRoutesMixin:
     def add_url_rule(self, rule, endpoint=None, view_func=None, **options):
         assert view_func is not None, "view_func is mandatory"
         endpoint = endpoint or view_func.__name__
+        admit = options.pop("admit", None)
+        if admit is not None:
+            self.admissions[endpoint] = admit
         existing = self.view_functions.get(endpoint)
         if existing is not None and existing is not view_func:
             raise AssertionError(f"View function mapping is overwriting an existing endpoint function: {endpoint}")
@@ -173,6 +184,12 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
 
     def close(self, code=1000, reason=b""):
         self._submit(_Close(code, reason))
+
+    def flush(self):
+        """Addition: from another greenlet, write its queued sends now (waiting while the
+        socket is full); the view's own sends are written at once anyway."""
+        if getcurrent() is not self._view:
+            self._call(self._write)
 
     # -- plumbing ---------------------------------------------------------------------
 
@@ -326,7 +343,8 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
             return capacity.refuse(start_response, "not_upgrade", http.upgrade_required())
         except HTTPException:
             return self.wsgi_app(environ, start_response)
-        refusal = http.handshake_refusal(environ)
+        admit = self.websocket.admissions.get(endpoint)
+        refusal = http.handshake_refusal(environ) or (admit and admit(environ))
         if refusal:
             return capacity.refuse(start_response, *refusal)
         return capacity.upgrade(environ, start_response,
@@ -349,3 +367,7 @@ class GeventWebSocket(WebSocketRoutesMixin, flask_uwsgi_websocket.GeventWebSocke
     """Drop-in for flask_uwsgi_websocket.GeventWebSocket with fixes 3 and 4."""
 
     middleware = GeventMiddleware
+
+    def __init__(self, app=None, timeout=5):
+        self.admissions = {}  # endpoint -> its route's `admit` check
+        super().__init__(app, timeout)

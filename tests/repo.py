@@ -49,6 +49,8 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_WS_CONNECTIONS_PER_IP": "1000",
         "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
         "NGINX_WS_HANDSHAKE_BURST": "500",
+        "NGINX_AUTH_TOKENS_PER_MINUTE": "30",
+        "NGINX_AUTH_TOKEN_BURST": "20",
         "NGINX_UWSGI_APP_UPSTREAM": "127.0.0.1:18001",
         "NGINX_FLASK_APP_UPSTREAM": "127.0.0.1:18002",
         "NGINX_RESOLVER": "127.0.0.1:18053",

@@ -4,24 +4,30 @@ Routes (nginx mounts them under /uwsgi/):
   GET /healthz   JSON health, 200 once the app is loaded
   GET /ws/echo   WebSocket: every message comes back unchanged, in order
   GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, docs/chat.md)
+  POST /auth/token  the demo's chat token issuer (wsstack.token_issuer; nginx: /auth/token)
 """
+import sys
+import traceback
+
 import gevent
 import uwsgi
 from gevent.event import Event
 
-from wsstack import capacity, chat, health, http, metrics, ratelimit, uwsgi_options
+from wsstack import auth, capacity, chat, health, http, metrics, ratelimit, token_issuer, uwsgi_options
 
 APP_NAME = "uwsgi-app"
 HUB = chat.Hub(health.REDIS_URL)
+VERIFIER = auth.Verifier.from_environment(HUB.redis)
+CHAT_CHECK = chat.handshake_check(VERIFIER)
 
 
-def accept(environ, start_response, on_open, refusal=None):
-    """The WebSocket handshake both routes share: refuse with an HTTP answer (`refusal`: the
-    route's own (reason, answer), if any), or upgrade the connection and run `on_open()` on it
-    until the conversation ends."""
+def accept(environ, start_response, on_open, check=None):
+    """The WebSocket handshake both routes share: refuse with an HTTP answer (the request's,
+    or the route's own `check(environ)` -> (reason, answer)), or upgrade the connection and
+    run `on_open()` on it until the conversation ends."""
     if not http.is_websocket_upgrade(environ):
         return capacity.refuse(start_response, "not_upgrade", http.upgrade_required())
-    refusal = http.handshake_refusal(environ) or refusal
+    refusal = http.handshake_refusal(environ) or (check and check(environ))
     if refusal:
         return capacity.refuse(start_response, *refusal)
     return capacity.upgrade(environ, start_response, on_open)
@@ -55,19 +61,14 @@ def echo_messages(bucket):
 
 
 def chat_room(environ, start_response):
-    try:
-        params = chat.parse_params(environ.get("QUERY_STRING", ""))
-    except chat.InvalidParams as exc:
-        return accept(environ, start_response, None, refusal=("chat_params", http.bad_handshake(str(exc))))
-
     def talk():
-        session = chat.Session(HUB, *params, via="uwsgi")
+        session = chat.Session(HUB, environ[chat.ADMISSION], via="uwsgi")
         try:
             converse(session)
         finally:
             session.end()
 
-    return accept(environ, start_response, talk)
+    return accept(environ, start_response, talk, check=CHAT_CHECK)
 
 
 def converse(session):
@@ -84,7 +85,7 @@ def converse(session):
         for text in session.start():
             send_text(text)
         while True:
-            gevent.wait([readable, session.wakeup], count=1, timeout=uwsgi_options.ping_interval())
+            gevent.wait([readable, session.wakeup], count=1, timeout=session.wait_timeout(uwsgi_options.ping_interval()))
             readable.clear()
             # Also on a timeout: the non-blocking receive is where uWSGI sends its pings.
             while True:
@@ -107,6 +108,12 @@ def converse(session):
             pass
     except OSError:  # peer closed, pong timeout or write error: the connection is over
         pass
+    except Exception:  # a bug: the client gets 1011 and reconnects, the log the traceback
+        traceback.print_exc(file=sys.stderr)
+        try:
+            uwsgi.websocket_close(1011, b"internal error")
+        except OSError:
+            pass
     finally:
         watcher.stop()
         watcher.close()
@@ -123,6 +130,8 @@ def route(environ, start_response):
         return echo(environ, start_response)
     if path == "/ws/chat":
         return chat_room(environ, start_response)
+    if path == "/auth/token":
+        return http.respond(start_response, token_issuer.handle(VERIFIER, environ))
     if path == "/healthz":
         return http.respond(start_response, health.report(APP_NAME))
     return http.respond(start_response, http.not_found())

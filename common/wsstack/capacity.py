@@ -83,7 +83,10 @@ def upgrade(environ, start_response, on_open):
     with WORKER.slot() as granted:
         if not granted:
             return refuse(start_response, "worker_full", WORKER.refusal())
-        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""))
+        # The subprotocol a route selected (wsstack.auth for the chat); the project's patch 0007
+        # sends it only if the client offered it.
+        uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""),
+                                  environ.get("wsstack.subprotocol", ""))
         metrics.connection_opened()
         try:
             on_open()

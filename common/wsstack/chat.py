@@ -1,63 +1,56 @@
-"""Chat rooms on a Redis Streams backplane, shared by both apps (protocol: docs/chat.md).
+"""The chat protocol, shared by every backend (docs/chat.md): who may connect, what a
+connection is sent first, what it may send, and when it is closed. The backends only move
+frames: admit() runs before their upgrade, then a Session per connection.
 
-Each room is one stream, `chat:<room>`, capped at CHAT_STREAM_MAXLEN entries; a message's id
-is its stream entry id, so ids grow and every client sees the same order. A client that
-reconnects with `last_id` gets exactly the entries after it, from whichever replica or
-backend it lands on.
+Redis holds the data (wsstack.chat_store); each process's share of it, with its reader and
+its caps, is a wsstack.chat_hub.Hub.
 
-Per app process, one reader greenlet per room with local clients (Hub) blocks on XREAD and
-hands each entry to the room's subscriptions; a connection never reads Redis for live
-messages itself. A connection subscribes before it reads its history, and skips live entries
-its history already had: nothing is missed, nothing arrives twice.
-
-CHAT_HISTORY         messages sent on connect without last_id (default 50)
-CHAT_STREAM_MAXLEN   messages Redis keeps per room (default 1000, approximate trimming)
-REDIS_URL            the backplane
+CHAT_MAX_FRAME_BYTES  largest message a chat client may send, in bytes on the wire (default
+                      16384; the echo's limit, UWSGI_WEBSOCKETS_MAX_SIZE, is far larger); beyond: close 1009
+CHAT_MAX_TEXT_BYTES   largest message text, in bytes of UTF-8 (default 4096)
 Read at import: a malformed value stops uWSGI at start-up (need-app).
 """
 import json
-import os
 import re
+import time
 import urllib.parse
-from collections import deque
+from typing import NamedTuple
 
-import gevent
 import redis
-from gevent.event import Event
 
+from wsstack import auth, chat_store, http
+from wsstack.chat_hub import Close, Hub, backplane_down  # noqa: F401 (the apps use them from here)
 from wsstack.settings import env_whole_number
 
 ROOM = re.compile(r"[A-Za-z0-9_-]{1,64}")
-STREAM_ID = re.compile(r"[0-9]{1,20}-[0-9]{1,20}")
-MAX_USER = 32
-MAX_TEXT = 4096
-READ_BLOCK_MS = 5000  # how long a room reader's XREAD waits; it rechecks for subscribers after
-RANGE_PAGE = 500
-BACKLOG = 1000  # live messages waiting for one slow connection before it is closed
+STREAM_ID = re.compile(r"([0-9]{1,20})-([0-9]{1,20})")
+EPOCH = re.compile(r"[0-9a-f]{1,32}")
 
-
-HISTORY = env_whole_number("CHAT_HISTORY", "50", minimum=0)
-STREAM_MAXLEN = env_whole_number("CHAT_STREAM_MAXLEN", "1000")
+MAX_FRAME_BYTES = env_whole_number("CHAT_MAX_FRAME_BYTES", "16384", minimum=256)
+MAX_TEXT_BYTES = env_whole_number("CHAT_MAX_TEXT_BYTES", "4096")
+if MAX_TEXT_BYTES >= MAX_FRAME_BYTES:
+    raise ValueError(f"CHAT_MAX_TEXT_BYTES ({MAX_TEXT_BYTES}) must be below CHAT_MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
 
 
 class InvalidParams(ValueError):
-    """A chat URL the server refuses (400 at the handshake, or close 1008)."""
+    """A chat URL the server refuses (400 at the handshake)."""
 
 
-class Close(Exception):
-    """End the connection with this close code and reason."""
+class Admission(NamedTuple):
+    room: str
+    last_id: str  # or None: a new client
+    epoch: str  # or None
+    identity: auth.Identity
+    client: str  # the client's address, for the per-address cap
 
-    def __init__(self, code, reason):
-        super().__init__(f"{code} {reason}")
-        self.code, self.reason = code, reason
 
-
-def backplane_down():
-    return Close(1013, "chat backplane unavailable; reconnect later")
+def valid_stream_id(value):
+    match = STREAM_ID.fullmatch(value)
+    return bool(match) and all(int(part) <= chat_store.MAX_ID_PART for part in match.groups())
 
 
 def parse_params(query_string):
-    """(room, user, last_id or None) from the handshake's query string."""
+    """(room, last_id or None, epoch or None) from the handshake's query string."""
     query = urllib.parse.parse_qs(query_string, keep_blank_values=True)
     for name, values in query.items():
         if len(values) > 1:
@@ -65,147 +58,58 @@ def parse_params(query_string):
     room = query.get("room", ["lobby"])[0]
     if not ROOM.fullmatch(room):
         raise InvalidParams("room must be 1-64 characters of A-Z a-z 0-9 _ -")
-    user = query.get("user", [""])[0]
-    if not 1 <= len(user) <= MAX_USER or not user.isprintable():
-        raise InvalidParams(f"user is required: 1-{MAX_USER} printable characters")
     last_id = query.get("last_id", [None])[0]
-    if last_id is not None and not STREAM_ID.fullmatch(last_id):
-        raise InvalidParams("last_id must be a message id such as 1700000000000-0")
-    return room, user, last_id
+    if last_id is not None and not valid_stream_id(last_id):
+        raise InvalidParams("last_id must be a message id such as 1700000000000-0 (two numbers below 2^64)")
+    epoch = query.get("epoch", [None])[0]
+    if epoch is not None and (last_id is None or not EPOCH.fullmatch(epoch)):
+        raise InvalidParams("epoch goes with last_id: the epoch of the history_end that last_id came with")
+    if "user" in query:
+        raise InvalidParams("user is not a parameter: the name comes from the token")
+    return room, last_id, epoch
 
 
-def id_key(message_id):
-    ms, seq = message_id.split("-")
-    return int(ms), int(seq)
+def client_address(environ):
+    # nginx, the only way in, sets X-Real-IP to the address it saw.
+    return environ.get("HTTP_X_REAL_IP") or environ.get("REMOTE_ADDR", "")
 
 
-def stream_key(room):
-    return f"chat:{room}"
+def admit(verifier, environ):
+    """The Admission of a chat handshake, or raises Refused: every check that can answer with
+    an HTTP status runs here, before the upgrade, on both backends."""
+    try:
+        room, last_id, epoch = parse_params(environ.get("QUERY_STRING", ""))
+    except InvalidParams as exc:
+        raise Refused("chat_params", http.bad_handshake(str(exc))) from None
+    try:
+        identity = verifier.verify(auth.token_from_handshake(environ))
+    except auth.Unauthorized as exc:
+        raise Refused("unauthorized", http.unauthorized(str(exc))) from None
+    except redis.RedisError:  # the shared secret lives in Redis (auth.SharedSecret)
+        raise Refused("backplane", http.unavailable("chat backplane unavailable; retry later")) from None
+    environ["wsstack.subprotocol"] = auth.SUBPROTOCOL
+    return Admission(room, last_id, epoch, identity, client_address(environ))
 
 
-def message_json(room, entry_id, fields):
-    entry_id = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    fields = {k.decode(): v.decode() for k, v in fields.items()}
-    return entry_id, json.dumps({
-        "type": "message", "id": entry_id, "room": room, "user": fields["user"], "text": fields["text"],
-        "ts": id_key(entry_id)[0], "via": fields["via"],
-    })
+class Refused(Exception):
+    def __init__(self, reason, answer):
+        super().__init__(reason)
+        self.reason, self.answer = reason, answer
 
 
-class Subscription:
-    """One connection's share of a room: live messages (id, json) waiting to be sent."""
-
-    def __init__(self, room):
-        self.room = room
-        self.pending = deque()
-        self.wakeup = Event()
-        self.failure = None
-
-    def deliver(self, entry):
-        if len(self.pending) >= BACKLOG:
-            self.fail(Close(1008, "too slow: messages backed up"))
-            return
-        self.pending.append(entry)
-        self.wakeup.set()
-
-    def fail(self, close):
-        self.failure = self.failure or close
-        self.wakeup.set()
+ADMISSION = "wsstack.chat.admission"
 
 
-class Room:
-    def __init__(self, name):
-        self.name = name
-        self.subscribers = set()
-        self.started = Event()
-        self.error = None
-
-
-class Hub:
-    """This process's room readers (one greenlet and one Redis connection per active room)."""
-
-    def __init__(self, url):
-        self.url = url
-        self.redis = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
-        self.rooms = {}
-
-    def reader_connection(self, room):
-        # A connection of its own, named so that `CLIENT LIST` shows which process reads which
-        # room; its XREAD blocks for READ_BLOCK_MS, so the socket timeout must outlast that.
-        return redis.Redis.from_url(
-            self.url, single_connection_client=True, client_name=f"chat-reader:{room}:pid-{os.getpid()}",
-            socket_timeout=READ_BLOCK_MS / 1000 + 5, socket_connect_timeout=2,
-        )
-
-    def subscribe(self, name):
-        """A new subscription to the room; raises redis.RedisError when the backplane is down."""
-        room = self.rooms.get(name)
-        if room is None:
-            room = self.rooms[name] = Room(name)
-            try:
-                # Where the reader starts must be known before any subscriber reads its history:
-                # an entry between the two would otherwise reach nobody.
-                newest = self.redis.xrevrange(stream_key(name), count=1)
-                start = newest[0][0] if newest else "0-0"
-            except redis.RedisError as exc:
-                room.error = exc
-                del self.rooms[name]
-                raise
-            finally:
-                room.started.set()
-            gevent.spawn(self._read, room, start)
-        else:
-            room.started.wait()
-            if room.error is not None:
-                raise room.error
-        subscription = Subscription(name)
-        room.subscribers.add(subscription)
-        return subscription
-
-    def unsubscribe(self, subscription):
-        room = self.rooms.get(subscription.room)
-        if room is not None:
-            room.subscribers.discard(subscription)
-        # The reader notices an empty room after its current XREAD and ends.
-
-    def _read(self, room, last):
-        connection = self.reader_connection(room.name)
+def handshake_check(verifier):
+    """The backends' hook before the upgrade: environ -> None (the Admission is left in
+    environ[ADMISSION]) or (reason, answer) to refuse with."""
+    def check(environ):
         try:
-            while room.subscribers:
-                reply = connection.xread({stream_key(room.name): last}, count=RANGE_PAGE, block=READ_BLOCK_MS)
-                for _stream, entries in reply or ():
-                    for entry_id, fields in entries:
-                        last = entry_id
-                        entry = message_json(room.name, entry_id, fields)
-                        for subscription in list(room.subscribers):
-                            subscription.deliver(entry)
-        except redis.RedisError:
-            # Every connection of the room closes with 1013 and comes back with last_id; the
-            # reader ends rather than retrying in a loop while Redis is away.
-            for subscription in list(room.subscribers):
-                subscription.fail(backplane_down())
-        finally:
-            if self.rooms.get(room.name) is room:
-                del self.rooms[room.name]
-            connection.close()
-
-    def history(self, name, last_id):
-        """[(id, json)] a connection starts with: the latest HISTORY, or everything after last_id."""
-        key = stream_key(name)
-        if last_id is None:
-            entries = list(reversed(self.redis.xrevrange(key, count=HISTORY))) if HISTORY else []
-            return [message_json(name, entry_id, fields) for entry_id, fields in entries]
-        found, after = [], last_id
-        while True:
-            page = self.redis.xrange(key, min=f"({after}", count=RANGE_PAGE)
-            found.extend(message_json(name, entry_id, fields) for entry_id, fields in page)
-            if len(page) < RANGE_PAGE:
-                return found
-            after = found[-1][0]
-
-    def publish(self, name, user, text, via):
-        self.redis.xadd(stream_key(name), {"user": user, "text": text, "via": via},
-                        maxlen=STREAM_MAXLEN, approximate=True)
+            environ[ADMISSION] = admit(verifier, environ)
+        except Refused as refused:
+            return refused.reason, refused.answer
+        return None
+    return check
 
 
 def error_json(reason):
@@ -215,31 +119,69 @@ def error_json(reason):
 class Session:
     """One chat connection, independent of how its frames are read and written.
 
-    start() -> the JSON texts to send first; incoming(payload, binary) -> an optional error
-    text to send back; outgoing() -> live JSON texts to send. Each may raise Close.
+    start() -> an iterator of the texts to send first (history a page at a time, then
+    history_end and presence); incoming(payload, binary) -> an optional error text to send
+    back; outgoing() -> live texts to send; wait_timeout(longest) -> how long the backend may
+    wait before calling outgoing() again. Each may raise Close.
     """
 
-    def __init__(self, hub, room, user, last_id, via):
-        self.hub, self.room, self.user, self.via = hub, room, user, via
-        self.last_id = last_id
+    def __init__(self, hub, admission, via):
+        self.hub, self.via = hub, via
+        self.room, self.identity = admission.room, admission.identity
+        self.resume_from, self.client_epoch, self.client = admission.last_id, admission.epoch, admission.client
+        self.last_id = admission.last_id
         self.subscription = None
+        self.joined = False
 
     @property
     def wakeup(self):
         return self.subscription.wakeup
 
     def start(self):
+        self.check_expiry()
+        self.subscription = self.hub.subscribe(self.room, self.client)
         try:
-            self.subscription = self.hub.subscribe(self.room)
-            history = self.hub.history(self.room, self.last_id)
+            yield from self._history()
+            self.hub.member_joined(self.subscription, self.identity)
+            self.joined = True
+            members, count = chat_store.members(self.hub.redis, self.room)
         except redis.RedisError:
             raise backplane_down() from None
-        if history:
-            self.last_id = history[-1][0]
-        end = json.dumps({"type": "history_end", "last_id": self.last_id})
-        return [text for _id, text in history] + [end]
+        yield json.dumps({"type": "presence", "room": self.room, "members": members, "count": count},
+                         ensure_ascii=False)
+
+    def _history(self):
+        redis_ = self.hub.redis
+        epoch = chat_store.current_epoch(redis_, self.room)
+        resuming = self.resume_from is not None
+        limit = chat_store.RESUME_MAX if resuming else chat_store.HISTORY
+        # Checked before the history is read: a trim meanwhile can only make this pessimistic.
+        intact = resuming and (self.client_epoch in (None, epoch)) and chat_store.still_has(redis_, self.room, self.resume_from)
+        truncated = False
+        if limit:
+            history = chat_store.history(redis_, self.room, self.resume_from, limit)
+            while True:
+                try:
+                    entry_id, text = next(history)
+                except StopIteration as done:
+                    truncated = done.value
+                    break
+                self.last_id = entry_id
+                yield text
+        end = {"type": "history_end", "last_id": self.last_id, "epoch": epoch}
+        if resuming:
+            end["recovered"] = bool(intact and not truncated)
+        yield json.dumps(end)
+
+    def check_expiry(self):
+        if time.time() >= self.identity.expires:
+            raise Close(auth.TOKEN_EXPIRED_CODE, auth.TOKEN_EXPIRED_REASON)
+
+    def wait_timeout(self, longest):
+        return max(0.0, min(longest, self.identity.expires - time.time()))
 
     def outgoing(self):
+        self.check_expiry()
         subscription = self.subscription
         subscription.wakeup.clear()
         if subscription.failure is not None:
@@ -247,15 +189,19 @@ class Session:
         texts = []
         while subscription.pending:
             entry_id, text = subscription.pending.popleft()
-            if self.last_id is not None and id_key(entry_id) <= id_key(self.last_id):
-                continue  # already sent as history
-            self.last_id = entry_id
+            if entry_id is not None:
+                if self.last_id is not None and chat_store.id_key(entry_id) <= chat_store.id_key(self.last_id):
+                    continue  # already sent as history
+                self.last_id = entry_id
             texts.append(text)
         return texts
 
     def incoming(self, payload, binary):
         if binary:
             raise Close(1003, "binary frames are not accepted: send JSON text")
+        if len(payload) > MAX_FRAME_BYTES:
+            raise Close(1009, f"chat messages are limited to {MAX_FRAME_BYTES} bytes")
+        self.check_expiry()
         try:
             message = json.loads(payload)
         except ValueError:
@@ -263,14 +209,25 @@ class Session:
         if not isinstance(message, dict) or message.get("type") != "message":
             return error_json("unknown message type: only \"message\" is accepted")
         text = message.get("text")
-        if not isinstance(text, str) or not 1 <= len(text) <= MAX_TEXT:
-            return error_json(f"text must be a string of 1-{MAX_TEXT} characters")
+        if not isinstance(text, str) or not text:
+            return error_json("text must be a non-empty string")
+        if not auth.encodable(text):
+            return error_json("text is not valid Unicode (a lone surrogate escape)")
+        if len(text.encode("utf-8")) > MAX_TEXT_BYTES:
+            return error_json(f"text must be at most {MAX_TEXT_BYTES} bytes of UTF-8")
         try:
-            self.hub.publish(self.room, self.user, text, self.via)
+            chat_store.publish(self.hub.redis, self.room, self.identity, text, self.via)
         except redis.RedisError:
             raise backplane_down() from None
         return None
 
     def end(self):
-        if self.subscription is not None:
+        if self.subscription is None:
+            return
+        try:
+            if self.joined:
+                self.hub.member_left(self.subscription, self.identity)
+        except redis.RedisError:
+            pass  # its presence expires by itself within CHAT_PRESENCE_TTL
+        finally:
             self.hub.unsubscribe(self.subscription)

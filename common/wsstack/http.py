@@ -46,6 +46,17 @@ def bad_handshake(reason):
     return plain("400 Bad Request", f"WebSocket handshake refused: {reason}")
 
 
+def unauthorized(reason):
+    # RFC 9110 15.5.2: a 401 names the scheme; the token travels in Sec-WebSocket-Protocol
+    # (wsstack.auth), but it is a bearer token all the same.
+    return plain("401 Unauthorized", f"WebSocket handshake refused: {reason}",
+                 [("WWW-Authenticate", 'Bearer realm="chat"')])
+
+
+def unavailable(reason):
+    return plain("503 Service Unavailable", f"WebSocket handshake refused: {reason}", [("Retry-After", "5")])
+
+
 def version_not_supported():
     # RFC 6455 4.4: tell the client which version we speak.
     return plain("426 Upgrade Required", "WebSocket handshake refused: only Sec-WebSocket-Version 13 is supported.",

@@ -37,7 +37,9 @@ HANDSHAKE_FAILURES = {
     "bad_version": "Sec-WebSocket-Version other than 13 (426)",
     "origin": "Origin not allowed (403)",
     "worker_full": "the worker holds WS_MAX_CONNECTIONS_PER_WORKER already (503)",
-    "chat_params": "invalid chat room, user or last_id (400; flask-app: close 1008 after the handshake)",
+    "chat_params": "invalid chat room, last_id or epoch (400)",
+    "unauthorized": "chat token missing, invalid or expired (401)",
+    "backplane": "chat backplane (Redis) unavailable at the handshake (503)",
 }
 
 
