@@ -8,6 +8,9 @@ its caps, is a wsstack.chat_hub.Hub.
 CHAT_MAX_FRAME_BYTES  largest message a chat client may send, in bytes on the wire (default
                       16384; the echo's limit, UWSGI_WEBSOCKETS_MAX_SIZE, is far larger); beyond: close 1009
 CHAT_MAX_TEXT_BYTES   largest message text, in bytes of UTF-8 (default 4096)
+CHAT_RECONNECT_WINDOW_MS  the window over which clients spread their reconnects after a
+                      server stop (1001) or a lost connection: each waits a random delay in
+                      it first (full jitter); sent in history_end (default 5000)
 Read at import: a malformed value stops uWSGI at start-up (need-app).
 """
 import json
@@ -28,6 +31,7 @@ EPOCH = re.compile(r"[0-9a-f]{1,32}")
 
 MAX_FRAME_BYTES = env_whole_number("CHAT_MAX_FRAME_BYTES", "16384", minimum=256)
 MAX_TEXT_BYTES = env_whole_number("CHAT_MAX_TEXT_BYTES", "4096")
+RECONNECT_WINDOW_MS = env_whole_number("CHAT_RECONNECT_WINDOW_MS", "5000", minimum=0)
 if MAX_TEXT_BYTES >= MAX_FRAME_BYTES:
     raise ValueError(f"CHAT_MAX_TEXT_BYTES ({MAX_TEXT_BYTES}) must be below CHAT_MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
 
@@ -168,7 +172,8 @@ class Session:
                     break
                 self.last_id = entry_id
                 yield text
-        end = {"type": "history_end", "last_id": self.last_id, "epoch": epoch}
+        end = {"type": "history_end", "last_id": self.last_id, "epoch": epoch,
+               "reconnect_window_ms": RECONNECT_WINDOW_MS}
         if resuming:
             end["recovered"] = bool(intact and not truncated)
         yield json.dumps(end)
