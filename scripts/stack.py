@@ -44,8 +44,8 @@ DEFAULTS = {
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
-    "NGINX_AUTH_TOKENS_PER_MINUTE": "30",
-    "NGINX_AUTH_TOKEN_BURST": "20",
+    "NGINX_AUTH_REQUESTS_PER_MINUTE": "30",
+    "NGINX_AUTH_REQUEST_BURST": "20",
     "NGINX_RESOLVER_VALID": "5s",
     "NGINX_TLS_PORT": "8443",
     # Both empty: a development certificate is made in LOCAL_RUN_DIR/tls (nginx/dev-certs.sh).
@@ -129,7 +129,7 @@ def load_settings(environ):
     if not settings["LOCAL_REPLICAS"].isdigit() or not 1 <= int(settings["LOCAL_REPLICAS"]) <= MAX_REPLICAS:
         raise ConfigError(f"LOCAL_REPLICAS={settings['LOCAL_REPLICAS']!r} must be a whole number from 1 to {MAX_REPLICAS}")
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST",
-                 "NGINX_AUTH_TOKENS_PER_MINUTE", "NGINX_AUTH_TOKEN_BURST"):
+                 "NGINX_AUTH_REQUESTS_PER_MINUTE", "NGINX_AUTH_REQUEST_BURST"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn

@@ -28,18 +28,18 @@ def claims(**extra):
 
 
 @pytest.mark.parametrize("environ, message", [
-    ({"CHAT_TOKEN_ALGORITHMS": "none"}, "choose from"),
-    ({"CHAT_TOKEN_ALGORITHMS": ""}, "choose from"),
-    ({"CHAT_TOKEN_ALGORITHMS": "HS256,RS256"}, "cannot be mixed"),
-    ({"CHAT_TOKEN_SECRET": "short"}, "at least 32 bytes"),
-    ({"CHAT_TOKEN_SECRET": SECRET, "CHAT_TOKEN_SECRET_FILE": "/x"}, "only one of"),
-    ({"CHAT_TOKEN_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
-    ({"CHAT_TOKEN_PUBLIC_KEY_FILE": "/x"}, "public-key algorithms"),
-    ({"CHAT_TOKEN_ALGORITHMS": "RS256", "CHAT_TOKEN_DEMO_ISSUER": "off"}, "needs CHAT_TOKEN_PUBLIC_KEY_FILE"),
-    ({"CHAT_TOKEN_ALGORITHMS": "RS256", "CHAT_TOKEN_JWKS_URL": "http://127.0.0.1:1/"}, "DEMO_ISSUER=on needs an HMAC"),
-    ({"CHAT_TOKEN_DEMO_ISSUER": "yes"}, "on or off"),
-    ({"CHAT_TOKEN_TTL": "5"}, "CHAT_TOKEN_TTL"),
-    ({"CHAT_TOKEN_LEEWAY": "-1"}, "CHAT_TOKEN_LEEWAY"),
+    ({"CHAT_AUTH_ALGORITHMS": "none"}, "choose from"),
+    ({"CHAT_AUTH_ALGORITHMS": ""}, "choose from"),
+    ({"CHAT_AUTH_ALGORITHMS": "HS256,RS256"}, "cannot be mixed"),
+    ({"CHAT_AUTH_SECRET": "short"}, "at least 32 bytes"),
+    ({"CHAT_AUTH_SECRET": SECRET, "CHAT_AUTH_SECRET_FILE": "/x"}, "only one of"),
+    ({"CHAT_AUTH_SECRET_FILE": "/nonexistent/secret"}, "cannot read"),
+    ({"CHAT_AUTH_PUBLIC_KEY_FILE": "/x"}, "public-key algorithms"),
+    ({"CHAT_AUTH_ALGORITHMS": "RS256", "CHAT_AUTH_DEMO_ISSUER": "off"}, "needs CHAT_AUTH_PUBLIC_KEY_FILE"),
+    ({"CHAT_AUTH_ALGORITHMS": "RS256", "CHAT_AUTH_JWKS_URL": "http://127.0.0.1:1/"}, "DEMO_ISSUER=on needs an HMAC"),
+    ({"CHAT_AUTH_DEMO_ISSUER": "yes"}, "on or off"),
+    ({"CHAT_AUTH_TOKEN_TTL": "5"}, "CHAT_AUTH_TOKEN_TTL"),
+    ({"CHAT_AUTH_LEEWAY": "-1"}, "CHAT_AUTH_LEEWAY"),
 ])
 def test_invalid_settings_are_refused_at_start_up(environ, message):
     with pytest.raises(ValueError, match=message):
@@ -48,7 +48,7 @@ def test_invalid_settings_are_refused_at_start_up(environ, message):
 
 def test_a_secret_from_a_file_verifies_and_nothing_else_does(tmp_path):
     (tmp_path / "secret").write_text(SECRET + "\n")  # a trailing newline, as editors leave it
-    check = verifier(CHAT_TOKEN_SECRET_FILE=str(tmp_path / "secret"))
+    check = verifier(CHAT_AUTH_SECRET_FILE=str(tmp_path / "secret"))
     assert check.verify(jwt.encode(claims(), SECRET, algorithm="HS256")) == ("u-1", "ada", claims()["exp"])
     for forged in (jwt.encode(claims(), "t" * 32, algorithm="HS256"), jwt.encode(claims(), SECRET, algorithm="HS512"),
                    jwt.encode(claims(), None, algorithm="none")):
@@ -60,17 +60,17 @@ def test_a_secret_from_a_file_verifies_and_nothing_else_does(tmp_path):
 def test_tokens_must_say_who_and_until_when(missing):
     token = jwt.encode({k: v for k, v in claims().items() if k != missing}, SECRET, algorithm="HS256")
     with pytest.raises(auth.Unauthorized, match=missing):
-        verifier(CHAT_TOKEN_SECRET=SECRET).verify(token)
+        verifier(CHAT_AUTH_SECRET=SECRET).verify(token)
 
 
 def test_a_name_the_chat_cannot_show_is_refused():
     for name in ("", "x" * 33, "tab\there", 42):
         with pytest.raises(auth.Unauthorized, match="name must be"):
-            verifier(CHAT_TOKEN_SECRET=SECRET).verify(jwt.encode(claims(name=name), SECRET, algorithm="HS256"))
+            verifier(CHAT_AUTH_SECRET=SECRET).verify(jwt.encode(claims(name=name), SECRET, algorithm="HS256"))
 
 
 def test_audience_and_issuer_are_required_once_configured():
-    check = verifier(CHAT_TOKEN_SECRET=SECRET, CHAT_TOKEN_AUDIENCE="chat", CHAT_TOKEN_ISSUER="https://idp.example")
+    check = verifier(CHAT_AUTH_SECRET=SECRET, CHAT_AUTH_AUDIENCE="chat", CHAT_AUTH_ISSUER="https://idp.example")
     good = claims(aud="chat", iss="https://idp.example")
     assert check.verify(jwt.encode(good, SECRET, algorithm="HS256")).id == "u-1"
     for bad in ({**good, "aud": "other"}, {**good, "iss": "https://evil.example"},
@@ -86,8 +86,8 @@ def pem_public(key):
 def test_an_identity_providers_rs256_tokens_verify_with_its_public_key(tmp_path):
     private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     (tmp_path / "idp.pem").write_bytes(pem_public(private))
-    check = verifier(CHAT_TOKEN_ALGORITHMS="RS256", CHAT_TOKEN_PUBLIC_KEY_FILE=str(tmp_path / "idp.pem"),
-                     CHAT_TOKEN_DEMO_ISSUER="off", CHAT_TOKEN_NAME_CLAIM="preferred_username")
+    check = verifier(CHAT_AUTH_ALGORITHMS="RS256", CHAT_AUTH_PUBLIC_KEY_FILE=str(tmp_path / "idp.pem"),
+                     CHAT_AUTH_DEMO_ISSUER="off", CHAT_AUTH_NAME_CLAIM="preferred_username")
     token = jwt.encode({**claims(), "preferred_username": "grace"}, private, algorithm="RS256")
     assert check.verify(token).name == "grace"
     # Algorithm confusion: the public key used as an HMAC secret must not verify.
@@ -125,8 +125,8 @@ def test_a_jwks_url_serves_the_keys_by_kid():
     server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        check = verifier(CHAT_TOKEN_ALGORITHMS="ES256", CHAT_TOKEN_DEMO_ISSUER="off",
-                         CHAT_TOKEN_JWKS_URL=f"http://127.0.0.1:{server.server_port}/jwks.json")
+        check = verifier(CHAT_AUTH_ALGORITHMS="ES256", CHAT_AUTH_DEMO_ISSUER="off",
+                         CHAT_AUTH_JWKS_URL=f"http://127.0.0.1:{server.server_port}/jwks.json")
         token = jwt.encode(claims(), private, algorithm="ES256", headers={"kid": "key-1"})
         assert check.verify(token).id == "u-1"
         unknown = jwt.encode(claims(), private, algorithm="ES256", headers={"kid": "key-2"})

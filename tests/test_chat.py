@@ -7,7 +7,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat_client import BACKENDS, ChatClient, chat_url, new_room, protocol_header, raw_chat, token
 from stack import http_get
-from wsstack.rawws import BINARY, TEXT, HandshakeError, RawWebSocket
+from wsstack.rawws import BINARY, TEXT, HandshakeError, RawWebSocket, encode_frame
 
 def test_every_client_of_the_room_gets_every_message_once_in_the_same_order():
     room = new_room()
@@ -168,6 +168,17 @@ def test_malformed_or_oversized_frames_close_with_the_rfc_code(backend, payload,
             pass
         frame = ws.expect_close(timeout=10)
         assert frame is not None and frame.close_code == code
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_an_oversized_chat_message_is_refused_from_its_frame_header(backend):
+    """The chat's limit (CHAT_MAX_FRAME_BYTES) is the engine's for that connection (patch
+    0021): the header announcing 512 KiB gets 1009 at once, before any payload is buffered.
+    Without it the worker would wait for (and buffer) up to the echo's 1 MiB first."""
+    with raw_chat(backend, new_room(), "greedy") as ws:
+        ws.send_raw(encode_frame(TEXT, b"", length=512 * 1024))  # the header only: no payload follows
+        frame = ws.expect_close(timeout=5)
+        assert frame is not None and frame.close_code == 1009
 
 
 def test_a_plain_get_to_the_chat_endpoint_gets_426():

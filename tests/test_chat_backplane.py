@@ -147,7 +147,7 @@ def test_a_redis_outage_closes_chats_with_1013_keeps_echo_and_chat_resumes_after
     redis.start()
     apps = {}
     try:
-        env = {"REDIS_URL": redis.url, "CHAT_TOKEN_SECRET": shared_token_secret()}
+        env = {"REDIS_URL": redis.url, "CHAT_AUTH_SECRET": shared_token_secret()}
         with running_app_process("uwsgi-app", tmp_path / "uwsgi.log", **env) as (uwsgi_proc, uwsgi_url), \
                 running_app_process("flask-app", tmp_path / "flask.log", **env) as (flask_proc, flask_url):
             apps = {"uwsgi": uwsgi_proc, "flask": flask_proc}

@@ -71,7 +71,7 @@ def test_forged_and_tampered_tokens_get_401(backend):
 
 def test_an_expired_token_gets_401_saying_so():
     document = token("short-lived", ttl=1)
-    # The server allows CHAT_TOKEN_LEEWAY (10 s) of clock skew at the handshake.
+    # The server allows CHAT_AUTH_LEEWAY (10 s) of clock skew at the handshake.
     time.sleep(12)
     for backend in BACKENDS:
         answer = refused(backend, protocol_header(document["token"]))

@@ -92,7 +92,7 @@ def test_a_client_that_stops_reading_is_closed_with_1013_once_the_backlog_is_ful
 
 
 def test_the_token_issuer_is_rate_limited_per_client_address(tmp_path):
-    with running_nginx(tmp_path, NGINX_AUTH_TOKENS_PER_MINUTE="60", NGINX_AUTH_TOKEN_BURST="2") as base:
+    with running_nginx(tmp_path, NGINX_AUTH_REQUESTS_PER_MINUTE="60", NGINX_AUTH_REQUEST_BURST="2") as base:
         statuses = []
         for _ in range(8):
             request = urllib.request.Request("http" + base[len("ws"):] + "/auth/token", data=b'{"name": "x"}',

@@ -84,6 +84,7 @@ def test_nginx_runs_the_same_main_config_and_templates_in_both_modes(local_servi
     assert "resolver 127.0.0.1:8053 valid=5s ipv6=off;" in rendered
     assert "set $uwsgi_app uwsgi-app:8001;" in rendered and "set $flask_app flask-app:8002;" in rendered
     assert re.findall(r"proxy_pass (\S+);", rendered) == ["http://$flask_app/healthz", "http://$uwsgi_app/healthz",
+                                                          "http://$uwsgi_app",  # /auth/token
                                                           "http://$uwsgi_app", "http://$flask_app"]
     assert not re.search(r"^\s*upstream ", rendered, re.M)  # an upstream block would resolve its names once, at start
 
@@ -120,7 +121,7 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert stack.DEFAULTS["NGINX_SEND_TIMEOUT"] == nginx_env["NGINX_SEND_TIMEOUT"] == compose_defaults["NGINX_SEND_TIMEOUT"]
     assert stack.DEFAULTS["NGINX_PORT"] == nginx_env["NGINX_PORT"] == compose_defaults["NGINX_PORT"]
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST",
-                 "NGINX_AUTH_TOKENS_PER_MINUTE", "NGINX_AUTH_TOKEN_BURST", "NGINX_TLS_PORT", "NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY", "NGINX_HTTPS_REDIRECT",
+                 "NGINX_AUTH_REQUESTS_PER_MINUTE", "NGINX_AUTH_REQUEST_BURST", "NGINX_TLS_PORT", "NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY", "NGINX_HTTPS_REDIRECT",
                  "NGINX_HSTS_MAX_AGE", "NGINX_STATUS_PORT"):
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
     # nginx must outlast the pings by default, not only in the tests' shortened setup.

@@ -248,7 +248,9 @@ def test_nginx_stub_status_answers_on_the_internal_port_only(internal):
     assert match, text
     active, accepts, handled, requests = map(int, match.groups())
     assert active >= 3  # the two WebSockets and this request
-    assert accepts >= handled and requests >= handled
+    # (requests may be fewer than connections: a failed TLS handshake or a client that closed
+    # before sending its request is a connection without one)
+    assert accepts >= handled >= active and requests >= active
     other = internal["stub_status"].rsplit("/", 1)[0] + "/metrics"
     with pytest.raises(urllib.error.HTTPError) as refused:
         fetch(other)

@@ -12,19 +12,19 @@ nginx or uWSGI. docs/chat.md, "Identity", says more.
 Verification uses PyJWT with an explicit list of algorithms (never "none", never HMAC and
 public-key algorithms together: that mix is what algorithm-confusion attacks need).
 
-CHAT_TOKEN_ALGORITHMS       comma-separated JWS algorithms accepted (default HS256)
-CHAT_TOKEN_SECRET_FILE      file holding the HMAC secret (at least 32 bytes)
-CHAT_TOKEN_SECRET           the HMAC secret itself, when a file is not practical
+CHAT_AUTH_ALGORITHMS       comma-separated JWS algorithms accepted (default HS256)
+CHAT_AUTH_SECRET_FILE      file holding the HMAC secret (at least 32 bytes)
+CHAT_AUTH_SECRET           the HMAC secret itself, when a file is not practical
                             neither set, HMAC algorithms: a random secret generated once and
                             shared by every process through Redis (see SharedSecret)
-CHAT_TOKEN_PUBLIC_KEY_FILE  PEM public key for RS*/PS*/ES*/EdDSA tokens from your identity provider
-CHAT_TOKEN_JWKS_URL         or the provider's JWKS URL (keys picked by the token's `kid`)
-CHAT_TOKEN_AUDIENCE         required `aud` claim (default: none required)
-CHAT_TOKEN_ISSUER           required `iss` claim; also what the demo issuer writes (default: none)
-CHAT_TOKEN_NAME_CLAIM       claim holding the display name (default name; without it: sub)
-CHAT_TOKEN_LEEWAY           seconds of clock skew allowed on exp/iat (default 10)
-CHAT_TOKEN_TTL              lifetime of the demo issuer's tokens, seconds (default 900)
-CHAT_TOKEN_DEMO_ISSUER      on|off: serve POST /auth/token (default on; needs an HMAC key)
+CHAT_AUTH_PUBLIC_KEY_FILE  PEM public key for RS*/PS*/ES*/EdDSA tokens from your identity provider
+CHAT_AUTH_JWKS_URL         or the provider's JWKS URL (keys picked by the token's `kid`)
+CHAT_AUTH_AUDIENCE         required `aud` claim (default: none required)
+CHAT_AUTH_ISSUER           required `iss` claim; also what the demo issuer writes (default: none)
+CHAT_AUTH_NAME_CLAIM       claim holding the display name (default name; without it: sub)
+CHAT_AUTH_LEEWAY           seconds of clock skew allowed on exp/iat (default 10)
+CHAT_AUTH_TOKEN_TTL              lifetime of the demo issuer's tokens, seconds (default 900)
+CHAT_AUTH_DEMO_ISSUER      on|off: serve POST /auth/token (default on; needs an HMAC key)
 Read at import: an invalid combination stops uWSGI at start-up (need-app).
 """
 import os
@@ -80,10 +80,10 @@ def parse_algorithms(raw):
     algorithms = [name.strip() for name in raw.split(",") if name.strip()]
     unknown = [name for name in algorithms if name not in HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS]
     if not algorithms or unknown:
-        raise ValueError(f"CHAT_TOKEN_ALGORITHMS: {raw!r}: choose from {sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)}")
+        raise ValueError(f"CHAT_AUTH_ALGORITHMS: {raw!r}: choose from {sorted(HMAC_ALGORITHMS | PUBLIC_KEY_ALGORITHMS)}")
     kinds = {name in HMAC_ALGORITHMS for name in algorithms}
     if len(kinds) > 1:
-        raise ValueError("CHAT_TOKEN_ALGORITHMS: HMAC (HS*) and public-key algorithms cannot be mixed: "
+        raise ValueError("CHAT_AUTH_ALGORITHMS: HMAC (HS*) and public-key algorithms cannot be mixed: "
                          "a public key would then be accepted as an HMAC secret")
     return algorithms
 
@@ -108,7 +108,7 @@ class SharedSecret:
     Anyone who can read this Redis key can sign tokens, but anyone who can write to Redis can
     already post as anyone: it adds no power. A Redis that lost it (a restart without
     persistence) gets a new one, and older tokens are refused until their holders get new ones.
-    A deployment sets CHAT_TOKEN_SECRET_FILE instead (docs/configuration.md)."""
+    A deployment sets CHAT_AUTH_SECRET_FILE instead (docs/configuration.md)."""
 
     def __init__(self, redis_client):
         self.redis = redis_client
@@ -148,7 +148,7 @@ class JwksKeys:
         try:
             return self.client.get_signing_key_from_jwt(token).key
         except jwt.PyJWKClientError as exc:
-            raise Unauthorized(f"no key for this token at CHAT_TOKEN_JWKS_URL: {exc}") from None
+            raise Unauthorized(f"no key for this token at CHAT_AUTH_JWKS_URL: {exc}") from None
 
     def refresh(self):
         return False
@@ -173,33 +173,33 @@ class Settings(NamedTuple):
 
 
 def load_settings(environ):
-    algorithms = parse_algorithms(environ.get("CHAT_TOKEN_ALGORITHMS", "HS256"))
-    demo = environ.get("CHAT_TOKEN_DEMO_ISSUER", "on")
+    algorithms = parse_algorithms(environ.get("CHAT_AUTH_ALGORITHMS", "HS256"))
+    demo = environ.get("CHAT_AUTH_DEMO_ISSUER", "on")
     if demo not in ("on", "off"):
-        raise ValueError(f"CHAT_TOKEN_DEMO_ISSUER must be on or off, got {demo!r}")
+        raise ValueError(f"CHAT_AUTH_DEMO_ISSUER must be on or off, got {demo!r}")
     if demo == "on" and algorithms[0] not in HMAC_ALGORITHMS:
-        raise ValueError("CHAT_TOKEN_DEMO_ISSUER=on needs an HMAC algorithm (it signs with the secret); "
-                         "with tokens from an identity provider set CHAT_TOKEN_DEMO_ISSUER=off")
+        raise ValueError("CHAT_AUTH_DEMO_ISSUER=on needs an HMAC algorithm (it signs with the secret); "
+                         "with tokens from an identity provider set CHAT_AUTH_DEMO_ISSUER=off")
     return Settings(
         algorithms=algorithms,
-        audience=environ.get("CHAT_TOKEN_AUDIENCE", ""),
-        issuer=environ.get("CHAT_TOKEN_ISSUER", ""),
-        name_claim=environ.get("CHAT_TOKEN_NAME_CLAIM", "name") or "name",
-        leeway=whole_number("CHAT_TOKEN_LEEWAY", environ.get("CHAT_TOKEN_LEEWAY", "10"), 0),
-        ttl=whole_number("CHAT_TOKEN_TTL", environ.get("CHAT_TOKEN_TTL", "900"), 10),
+        audience=environ.get("CHAT_AUTH_AUDIENCE", ""),
+        issuer=environ.get("CHAT_AUTH_ISSUER", ""),
+        name_claim=environ.get("CHAT_AUTH_NAME_CLAIM", "name") or "name",
+        leeway=whole_number("CHAT_AUTH_LEEWAY", environ.get("CHAT_AUTH_LEEWAY", "10"), 0),
+        ttl=whole_number("CHAT_AUTH_TOKEN_TTL", environ.get("CHAT_AUTH_TOKEN_TTL", "900"), 10),
         demo_issuer=demo == "on",
     )
 
 
 def load_keys(environ, settings, redis_client):
     hmac = settings.algorithms[0] in HMAC_ALGORITHMS
-    given = [name for name in ("CHAT_TOKEN_SECRET_FILE", "CHAT_TOKEN_SECRET", "CHAT_TOKEN_PUBLIC_KEY_FILE",
-                               "CHAT_TOKEN_JWKS_URL") if environ.get(name)]
+    given = [name for name in ("CHAT_AUTH_SECRET_FILE", "CHAT_AUTH_SECRET", "CHAT_AUTH_PUBLIC_KEY_FILE",
+                               "CHAT_AUTH_JWKS_URL") if environ.get(name)]
     if len(given) > 1:
         raise ValueError(f"set only one of {', '.join(given)}")
     if hmac:
-        if given and given[0] not in ("CHAT_TOKEN_SECRET_FILE", "CHAT_TOKEN_SECRET"):
-            raise ValueError(f"{given[0]} is for public-key algorithms; CHAT_TOKEN_ALGORITHMS is {settings.algorithms}")
+        if given and given[0] not in ("CHAT_AUTH_SECRET_FILE", "CHAT_AUTH_SECRET"):
+            raise ValueError(f"{given[0]} is for public-key algorithms; CHAT_AUTH_ALGORITHMS is {settings.algorithms}")
         if not given:
             return SharedSecret(redis_client)
         secret = (read_file(given[0], environ[given[0]]) if given[0].endswith("_FILE")
@@ -207,11 +207,11 @@ def load_keys(environ, settings, redis_client):
         if len(secret) < MIN_SECRET_BYTES:
             raise ValueError(f"{given[0]}: the HMAC secret must be at least {MIN_SECRET_BYTES} bytes")
         return StaticKey(secret)
-    if not given or given[0] not in ("CHAT_TOKEN_PUBLIC_KEY_FILE", "CHAT_TOKEN_JWKS_URL"):
-        raise ValueError(f"CHAT_TOKEN_ALGORITHMS={','.join(settings.algorithms)} needs "
-                         "CHAT_TOKEN_PUBLIC_KEY_FILE or CHAT_TOKEN_JWKS_URL")
-    if given[0] == "CHAT_TOKEN_JWKS_URL":
-        return JwksKeys(environ["CHAT_TOKEN_JWKS_URL"])
+    if not given or given[0] not in ("CHAT_AUTH_PUBLIC_KEY_FILE", "CHAT_AUTH_JWKS_URL"):
+        raise ValueError(f"CHAT_AUTH_ALGORITHMS={','.join(settings.algorithms)} needs "
+                         "CHAT_AUTH_PUBLIC_KEY_FILE or CHAT_AUTH_JWKS_URL")
+    if given[0] == "CHAT_AUTH_JWKS_URL":
+        return JwksKeys(environ["CHAT_AUTH_JWKS_URL"])
     return StaticKey(read_file(given[0], environ[given[0]]))
 
 

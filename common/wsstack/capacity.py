@@ -87,6 +87,12 @@ def upgrade(environ, start_response, on_open):
         # sends it only if the client offered it.
         uwsgi.websocket_handshake(environ["HTTP_SEC_WEBSOCKET_KEY"], environ.get("HTTP_ORIGIN", ""),
                                   environ.get("wsstack.subprotocol", ""))
+        # A route's own message-size limit (the chat's), applied by the engine to each frame
+        # header (patch 0021): an oversized message is refused before its payload is buffered.
+        # A stock uWSGI has no such call; the route then checks each message's size itself.
+        max_size = environ.get("wsstack.max_message_bytes")
+        if max_size and hasattr(uwsgi, "websocket_max_size"):
+            uwsgi.websocket_max_size(max_size)
         metrics.connection_opened()
         try:
             on_open()

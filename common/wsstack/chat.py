@@ -92,6 +92,7 @@ def admit(verifier, environ):
     except redis.RedisError:  # the shared secret lives in Redis (auth.SharedSecret)
         raise Refused("backplane", http.unavailable("chat backplane unavailable; retry later")) from None
     environ["wsstack.subprotocol"] = auth.SUBPROTOCOL
+    environ["wsstack.max_message_bytes"] = MAX_FRAME_BYTES
     return Admission(room, last_id, epoch, identity, client_address(environ))
 
 

@@ -96,12 +96,26 @@ class Room:
         self.last = self.events_last = "0-0"
 
 
+class LazyRedis:
+    """A redis.Redis made on first use. The apps are imported in uWSGI's master before it forks
+    the workers, and a BlockingConnectionPool made there creates gevent's hub and its wake-up
+    eventfd, which every worker would then share (see wsstack/startup_check.py: a stop signal
+    can then wake the wrong worker). Made in the worker, each has its own pool too."""
+
+    def __init__(self, make):
+        self._make, self._client = make, None
+
+    def __getattr__(self, name):
+        if self._client is None:
+            self._client = self._make()
+        return getattr(self._client, name)
+
+
 class Hub:
     def __init__(self, url):
         self.url = url
-        pool = redis.BlockingConnectionPool.from_url(url, max_connections=REDIS_POOL_SIZE, timeout=POOL_WAIT,
-                                                      socket_timeout=5, socket_connect_timeout=2)
-        self.redis = redis.Redis(connection_pool=pool)
+        self.redis = LazyRedis(lambda: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
+            url, max_connections=REDIS_POOL_SIZE, timeout=POOL_WAIT, socket_timeout=5, socket_connect_timeout=2)))
         self.rooms = {}
         self.rooms_of_client = {}  # client address -> {room: connections}
         self.reader = None

@@ -4,10 +4,10 @@ THIS IS THE PART A DEPLOYMENT REPLACES. It hands a signed token to anyone who as
 display name they ask for: it proves nothing about who the caller is, only that every
 message of a connection comes from the holder of one token (nobody can post under another
 holder's identity). A real deployment issues tokens from its login (an identity provider,
-or its own session) and sets CHAT_TOKEN_DEMO_ISSUER=off (docs/chat.md, "Identity").
+or its own session) and sets CHAT_AUTH_DEMO_ISSUER=off (docs/chat.md, "Identity").
 
-Request:  {"name": "ada", "ttl": 300}   ttl optional, at most CHAT_TOKEN_TTL seconds
-          Authorization: Bearer <a token from here, valid or expired at most CHAT_TOKEN_TTL
+Request:  {"name": "ada", "ttl": 300}   ttl optional, at most CHAT_AUTH_TOKEN_TTL seconds
+          Authorization: Bearer <a token from here, valid or expired at most CHAT_AUTH_TOKEN_TTL
           ago> renews it: same subject (one member in presence, across tabs and renewals).
 Answer:   200 {"token": "...", "expires_at": <Unix time>, "user": {"id": "u-...", "name": "ada"}}
           400 with the reason; 404 when the demo issuer is off; 405 for another method.
@@ -61,7 +61,7 @@ def renewed_subject(verifier, environ):
 def handle(verifier, environ):
     """(status, headers, body) for one request to /auth/token."""
     if not verifier.settings.demo_issuer:
-        return http.plain("404 Not Found", "The demo token issuer is off (CHAT_TOKEN_DEMO_ISSUER=off).")
+        return http.plain("404 Not Found", "The demo token issuer is off (CHAT_AUTH_DEMO_ISSUER=off).")
     if environ.get("REQUEST_METHOD") != "POST":
         return http.plain("405 Method Not Allowed", "POST a JSON body {\"name\": \"...\"}.", [("Allow", "POST")])
     try:
