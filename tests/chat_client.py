@@ -61,9 +61,10 @@ def protocol_header(token_text):
     return {"Sec-WebSocket-Protocol": ", ".join(protocols(token_text))}
 
 
-def raw_chat(backend, room, user, url=None, **query):
+def raw_chat(backend, room, user, url=None, token_document=None, **query):
     """A RawWebSocket to the chat with `user`'s token (for frames the websockets client will not send)."""
-    return RawWebSocket(url or chat_url(backend, room, **query), headers=protocol_header(token(user)["token"]))
+    document = token_document or token(user)
+    return RawWebSocket(url or chat_url(backend, room, **query), headers=protocol_header(document["token"]))
 
 
 def chat_url(backend, room, last_id=None, epoch=None, **extra):

@@ -126,3 +126,10 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
     # nginx must outlast the pings by default, not only in the tests' shortened setup.
     assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])
+
+
+def test_the_images_keep_the_uwsgi_stats_server_inside_the_container():
+    # Its dump holds the headers of every in-flight request (tests/test_metrics.py shows the
+    # chat's token in it): never on an address another container or host reaches.
+    for app in ("uwsgi-app", "flask-app"):
+        assert dockerfile_env(app)["UWSGI_STATS"].startswith("127.0.0.1:"), app

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
-from chat_client import raw_chat
+from chat_client import new_room, raw_chat, token
 from stack import http_get, ws_url
 from wsstack import exposition
 from wsstack.rawws import BINARY, TEXT, RawWebSocket
@@ -264,6 +264,16 @@ def test_uwsgi_stats_servers_answer_json_on_their_internal_ports(internal):
         stats = json.loads(text)
         assert status == 200 and stats["version"].endswith("-wsstack")
         assert len(stats["workers"]) == internal["processes"]
+
+
+@pytest.mark.local
+def test_the_stats_dump_shows_every_open_chats_token(internal):
+    """Why the stats server must stay internal (inside the container in the images): a
+    WebSocket is an in-flight request for its whole life, and the dump lists its headers."""
+    document = token("seen-in-stats", fresh=True)
+    with raw_chat("uwsgi", new_room(), "seen-in-stats", token_document=document):
+        dumps = [fetch(url)[2] for url in internal["stats"]]
+    assert any(document["token"] in dump for dump in dumps)
 
 
 @pytest.mark.local
