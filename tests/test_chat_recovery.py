@@ -138,3 +138,14 @@ def test_the_resume_of_a_full_room_is_read_a_page_at_a_time():
     reads = [line for line in out.splitlines() if f'"chat:{room}"' in line and ('"XRANGE"' in line or '"XREVRANGE"' in line)]
     counts = [int(line.rsplit('"COUNT" "', 1)[1].split('"')[0]) for line in reads if '"COUNT"' in line]
     assert reads and counts and max(counts) <= 100, reads
+
+
+@pytest.mark.local
+def test_every_key_of_a_room_expires_after_chat_room_ttl():
+    room = new_room()
+    with ChatClient("uwsgi", room, "passing") as client:
+        say_and_see(client, "soon forgotten")
+        keys = redis("KEYS", f"chat:{room}*").split()
+        assert set(keys) >= {f"chat:{room}", f"chat:{room}:epoch", f"chat:{room}:events", f"chat:{room}:presence"}
+        for key in keys:
+            assert 0 < int(redis("TTL", key)) <= 604800, key  # CHAT_ROOM_TTL, refreshed by joins and messages

@@ -60,7 +60,7 @@ class Unauthorized(Exception):
 class Identity(NamedTuple):
     id: str  # the token's `sub`: what makes two connections the same member
     name: str  # shown with messages and in presence
-    expires: float  # Unix time of `exp`
+    expires: float  # Unix time of `exp` plus the leeway: when the handshake starts refusing it too
 
 
 def valid_name(name):
@@ -250,7 +250,7 @@ class Verifier:
         name = claims.get(self.settings.name_claim, subject)
         if not valid_name(name):
             raise Unauthorized(f"invalid token: {self.settings.name_claim} must be 1-{MAX_NAME} printable characters")
-        return Identity(subject, name, float(claims["exp"]))
+        return Identity(subject, name, float(claims["exp"]) + leeway)
 
     def issue(self, subject, name, ttl):
         """A token for the demo issuer (wsstack.token_issuer), signed with the HMAC secret."""
