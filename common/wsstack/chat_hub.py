@@ -190,7 +190,7 @@ class Hub:
         if room is not None:  # else the reader failed meanwhile, and the connection is closing
             entry = room.members.setdefault(identity.id, [identity.name, 0])
             entry[1] += 1
-        chat_store.join(self.redis, room.name, identity)
+        chat_store.join(self.redis, subscription.room, identity)
 
     def member_left(self, subscription, identity):
         room = self.rooms.get(subscription.room)
