@@ -10,6 +10,7 @@ import uuid
 from websockets.sync.client import connect
 
 from stack import BASE_URL, ws_url
+from wsstack.rawws import RawWebSocket
 
 BACKENDS = ("uwsgi", "flask")
 NO_CLIENT_PINGS = {"ping_interval": None}
@@ -54,6 +55,15 @@ def token(name, ttl=None, fresh=False):
 
 def protocols(token_text):
     return [SUBPROTOCOL, f"bearer.{token_text}"]
+
+
+def protocol_header(token_text):
+    return {"Sec-WebSocket-Protocol": ", ".join(protocols(token_text))}
+
+
+def raw_chat(backend, room, user, url=None, **query):
+    """A RawWebSocket to the chat with `user`'s token (for frames the websockets client will not send)."""
+    return RawWebSocket(url or chat_url(backend, room, **query), headers=protocol_header(token(user)["token"]))
 
 
 def chat_url(backend, room, last_id=None, epoch=None, **extra):

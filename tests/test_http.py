@@ -79,6 +79,14 @@ def test_foreign_origin_is_forbidden(backend):
     assert b"evil.example" in resp.body
 
 
+def test_the_same_host_under_the_other_scheme_is_a_foreign_origin(backend):
+    # An http page on the same host and port is another origin (RFC 6454): it must not open
+    # the sockets of the https one, and the other way round.
+    scheme, rest = BASE_URL.split("://", 1)
+    resp = handshake(backend, Origin=f"{'https' if scheme == 'http' else 'http'}://{rest}")
+    assert resp.status == 403
+
+
 @pytest.mark.parametrize("origin", [BASE_URL, None], ids=["same origin", "no Origin (non-browser)"])
 def test_same_origin_and_originless_clients_are_accepted(backend, origin):
     ws = RawWebSocket(ws_url(backend), headers={"Origin": origin})

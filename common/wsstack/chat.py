@@ -136,6 +136,7 @@ class Session:
         self.last_id = admission.last_id
         self.subscription = None
         self.joined = False
+        self.presence_last = None  # the last presence event the snapshot sent on connect had
 
     @property
     def wakeup(self):
@@ -148,7 +149,7 @@ class Session:
             yield from self._history()
             self.hub.member_joined(self.subscription, self.identity)
             self.joined = True
-            members, count = chat_store.members(self.hub.redis, self.room)
+            members, count, self.presence_last = chat_store.members(self.hub.redis, self.room)
         except redis.RedisError:
             raise backplane_down() from None
         yield json.dumps({"type": "presence", "room": self.room, "members": members, "count": count},
@@ -193,13 +194,20 @@ class Session:
             raise subscription.failure
         texts = []
         while subscription.pending:
-            entry_id, text = subscription.pending.popleft()
-            if entry_id is not None:
-                if self.last_id is not None and chat_store.id_key(entry_id) <= chat_store.id_key(self.last_id):
-                    continue  # already sent as history
+            entry_id, text, event = subscription.pending.popleft()
+            if event:
+                if self.presence_last is None or not self._after(entry_id, self.presence_last):
+                    continue  # before or in the presence snapshot this connection got
+            elif self.last_id is not None and not self._after(entry_id, self.last_id):
+                continue  # already sent as history
+            else:
                 self.last_id = entry_id
             texts.append(text)
         return texts
+
+    @staticmethod
+    def _after(entry_id, previous):
+        return chat_store.id_key(entry_id) > chat_store.id_key(previous)
 
     def incoming(self, payload, binary):
         if binary:

@@ -58,7 +58,7 @@ def too_slow():
 
 class Subscription:
     """One connection's share of a room: live entries waiting to be sent, each
-    (stream id or None for presence events, json)."""
+    (stream id, json, whether it is a presence event)."""
 
     __slots__ = ("room", "client", "pending", "wakeup", "failure")
 
@@ -259,10 +259,10 @@ class Hub:
             try:
                 if events:
                     room.events_last = text(entry_id)
-                    entry = (None, chat_store.event_json(name, entry_id, fields))
+                    entry = (*chat_store.event_json(name, entry_id, fields), True)
                 else:
                     room.last = text(entry_id)
-                    entry = chat_store.message_json(name, entry_id, fields)
+                    entry = (*chat_store.message_json(name, entry_id, fields), False)
             except chat_store.BadEntry as exc:
                 # Something else wrote to the room's stream: skip the entry, keep the room alive.
                 print(f"chat: skipped {exc}", file=sys.stderr, flush=True)

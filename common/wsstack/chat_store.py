@@ -25,6 +25,7 @@ from wsstack.settings import env_whole_number
 PAGE = 100  # entries per XRANGE/XREVRANGE: what one connection holds while it reads history
 EVENTS_MAXLEN = 200
 MAX_ID_PART = 2**64 - 1
+MAX_ID = f"{MAX_ID_PART}-{MAX_ID_PART}"
 
 HISTORY = env_whole_number("CHAT_HISTORY", "50", minimum=0)
 RESUME_MAX = env_whole_number("CHAT_RESUME_MAX", "500")
@@ -74,13 +75,15 @@ def message_json(room, entry_id, fields):
 
 
 def event_json(room, entry_id, fields):
+    """(entry id, json) of a presence event."""
     try:
         kind, uid, name = (fields[name].decode() for name in (b"type", b"uid", b"name"))
     except (KeyError, UnicodeDecodeError, AttributeError):
         raise BadEntry(f"{events_key(room)} {text(entry_id)}: not a presence event") from None
     if kind not in ("join", "leave"):
         raise BadEntry(f"{events_key(room)} {text(entry_id)}: unknown event {kind!r}")
-    return json.dumps({"type": kind, "room": room, "user": {"id": uid, "name": name}}, ensure_ascii=False)
+    return text(entry_id), json.dumps({"type": kind, "room": room, "user": {"id": uid, "name": name}},
+                                      ensure_ascii=False)
 
 
 def newest_ids(redis, room):
@@ -139,6 +142,8 @@ def history(redis, room, last_id, limit):
     `limit` after last_id (or overall), oldest first, read and handed over a page at a time.
     Returns (its generator's value) whether more than `limit` were there."""
     key = messages_key(room)
+    if last_id == MAX_ID:
+        return False  # nothing can come after it (and Redis refuses it as an exclusive bound)
     lower = "-" if last_id is None else f"({last_id}"
     start, newest, only_page, truncated = _walk_back(redis, key, lower, limit)
     if start is None:
@@ -254,13 +259,16 @@ def sweep(redis, room):
 
 
 def members(redis, room):
-    """(up to PRESENCE_MAX members as [{"id", "name"}], how many are present in all)."""
+    """(up to PRESENCE_MAX members as [{"id", "name"}], how many are present in all, the id
+    of the last presence event the snapshot includes). One MULTI: the three agree."""
     now_ms = int(time.time() * 1000)
     key = f"chat:{room}:presence"
-    with redis.pipeline(transaction=False) as pipe:
+    with redis.pipeline(transaction=True) as pipe:
         pipe.zrangebyscore(key, now_ms, "+inf", start=0, num=PRESENCE_MAX)
         pipe.zcount(key, now_ms, "+inf")
-        ids, count = pipe.execute()
+        pipe.xrevrange(events_key(room), count=1)
+        ids, count, last_event = pipe.execute()
     ids = [text(member_id) for member_id in ids]
     names = redis.hmget(f"chat:{room}:names", ids) if ids else []
-    return [{"id": member_id, "name": text(name or b"")} for member_id, name in zip(ids, names)], count
+    return ([{"id": member_id, "name": text(name or b"")} for member_id, name in zip(ids, names)], count,
+            text(last_event[0][0]) if last_event else "0-0")

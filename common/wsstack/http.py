@@ -2,7 +2,7 @@
 
 ALLOWED_ORIGINS   comma-separated origins allowed to open WebSockets, e.g.
                   "https://chat.example.com,http://localhost:8080"; default (unset or
-                  empty): only the origin of the request's own host. Requests without an
+                  empty): only the request's own origin (scheme, host and port). Requests without an
                   Origin header (non-browser clients) are always allowed: the check exists
                   against cross-site WebSocket hijacking, which only browsers can be led into.
 """
@@ -80,9 +80,12 @@ def origin_allowed(origin, environ, allowed=None):
     normalized = f"{parts.scheme}://{parts.netloc.lower()}"
     if allowed:
         return normalized in allowed
-    # Default: same host as the request (nginx passes the client's Host, port included, as X-Forwarded-Host).
+    # Default: the request's own origin, scheme included (nginx passes the client's Host, port
+    # included, as X-Forwarded-Host, and its scheme as X-Forwarded-Proto): a page served over
+    # http may not open the https site's sockets, which may carry that site's credentials.
     host = environ.get("HTTP_X_FORWARDED_HOST") or environ.get("HTTP_HOST", "")
-    return bool(host) and parts.netloc.lower() == host.lower()
+    scheme = environ.get("HTTP_X_FORWARDED_PROTO") or environ.get("wsgi.url_scheme", "http")
+    return bool(host) and parts.scheme == scheme and parts.netloc.lower() == host.lower()
 
 
 def handshake_refusal(environ, allowed=None):
