@@ -349,3 +349,34 @@ def test_token_is_renewed_before_it_expires_and_after_a_4001(open_page):
     expect(demo.texts).to_have_text(["with the first token", "with the renewed token"])
     assert mine(demo) == [True, True]
     demo.assert_clean()
+
+
+def test_reconnect_delays_are_full_jitter_starting_with_the_servers_window(open_page):
+    """Math.random fixed at 0.5: with full jitter each delay is half its ceiling (with equal
+    jitter it would be three quarters). The first retry after a 1001 spreads over the window
+    history_end announced; the next ones over 0.5 s doubling (1 s, 2 s, 4 s: half of each)."""
+    window_ms = int(os.environ.get("CHAT_RECONNECT_WINDOW_MS", "5000"))
+    demo = open_page(BASE_URL + "/")
+    # Every text the notice shows, even for a moment (a 0.5 s delay is shorter than
+    # Playwright's polling of a locator).
+    demo.page.add_init_script("""
+        Math.random = () => 0.5;
+        window.noticesSeen = [];
+        document.addEventListener("DOMContentLoaded", () => {
+          const notice = document.getElementById("chat-notice");
+          new MutationObserver(() => window.noticesSeen.push(notice.textContent))
+            .observe(notice, { childList: true, characterData: true, subtree: true });
+        });
+    """)
+    demo.page.reload()
+    away = ChatAway(demo)
+    demo.join(new_room(), "hal")
+    away.leave()
+    retries = demo.page.wait_for_function(
+        "() => { const r = window.noticesSeen.filter(t => t.includes('retrying in')); return r.length >= 4 && r; }",
+        timeout=20_000).json_value()
+    reason = "connection lost (1001 test: away)"
+    assert retries[:4] == [f"{reason}; retrying in {seconds:.1f} s" for seconds in
+                           (window_ms / 2000, 0.5, 1.0, 2.0)], retries
+    away.come_back()
+    demo.assert_clean()
