@@ -63,6 +63,7 @@
   let signingIn = false;
   let renewing = null; // the renewal under way, shared by everyone who needs it
   let renewTimer = null;
+  let renewAt = 0; // Date.now() when the token is due for renewal
   let forceRenewal = false;
   let session = null; // {room} while joined
   let socket = null;
@@ -73,6 +74,7 @@
   let reconnectWindowMs = DEFAULT_RECONNECT_WINDOW_MS;
   let failures = 0; // attempts since the server last proved healthy; drives the backoff
   let handshakeFailures = 0;
+  let expiredInARow = 0; // 4001s with no history_end between them
   let retryTimer = null;
   const members = new Map(); // id -> name, from the presence snapshot and join/leave events
   let unlisted = 0; // present but beyond the snapshot's cap
@@ -197,19 +199,25 @@
     if (!identity) return;
     const left = identity.expires_at - nowSeconds();
     const lead = Math.min(RENEW_BEFORE_S, Math.max(EXPIRY_MARGIN_S, left / 5));
-    const delay = Math.max(0, (left - lead) * 1000);
-    // setTimeout keeps at most 2^31-1 ms; a longer wait is simply scheduled again.
-    renewTimer = setTimeout(renewNow, Math.min(delay, 2 ** 31 - 1));
+    armRenewal(Date.now() + Math.max(0, (left - lead) * 1000));
+  }
+
+  function armRenewal(at) {
+    renewAt = at;
+    clearTimeout(renewTimer);
+    // setTimeout keeps at most 2^31-1 ms (a token from elsewhere may live longer): a timer
+    // that fires before renewAt only sets itself again.
+    renewTimer = setTimeout(renewNow, Math.min(Math.max(0, at - Date.now()), 2 ** 31 - 1));
   }
 
   function renewNow() {
+    if (Date.now() < renewAt) {
+      armRenewal(renewAt);
+      return;
+    }
     renew(false).then(scheduleRenewal, (error) => {
-      if (error.status === 400) {
-        signOut("your sign-in can no longer be renewed: sign in again");
-      } else {
-        clearTimeout(renewTimer);
-        renewTimer = setTimeout(renewNow, RENEW_RETRY_MS);
-      }
+      if (error.status === 400) signOut("your sign-in can no longer be renewed: sign in again");
+      else if (identity) armRenewal(Date.now() + RENEW_RETRY_MS);
     });
   }
 
@@ -324,6 +332,7 @@
     // A whole round trip worked: a later drop starts the backoff from the beginning.
     failures = 0;
     handshakeFailures = 0;
+    expiredInARow = 0;
     synced = true;
     if (typeof message.epoch === "string" && EPOCH.test(message.epoch)) epoch = message.epoch;
     const hint = message.reconnect_window_ms;
@@ -413,11 +422,18 @@
       if (FINAL_CLOSE_CODES.has(event.code)) {
         leave(`closed by the server: ${event.code} ${event.reason}`);
       } else if (event.code === TOKEN_EXPIRED) {
-        // Not a failure: the token ran out. A renewed one (ours may already be) and straight back.
         if (identity.token === token) forceRenewal = true;
-        setState("reconnecting");
-        showNotice("token expired: renewing it and reconnecting");
-        retryTimer = setTimeout(connect, 0);
+        expiredInARow += 1;
+        if (expiredInARow === 1) {
+          // Not a failure: the token ran out. A renewed one (ours may already be) and straight back.
+          setState("reconnecting");
+          showNotice("token expired: renewing it and reconnecting");
+          retryTimer = setTimeout(connect, 0);
+        } else {
+          // Even a fresh token expired at once (the server's clock is far ahead of the
+          // issuer's?): back off rather than loop on the issuer.
+          retryLater(event);
+        }
       } else {
         if (!opened) {
           handshakeFailures += 1;
@@ -464,6 +480,7 @@
     synced = false;
     failures = 0;
     handshakeFailures = 0;
+    expiredInARow = 0;
     members.clear();
     unlisted = 0;
     list.replaceChildren();
