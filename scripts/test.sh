@@ -12,6 +12,11 @@ scripts/bootstrap.sh
 export UWSGI_WEBSOCKETS_PING_FREQ=${UWSGI_WEBSOCKETS_PING_FREQ:-2}
 export NGINX_PROXY_READ_TIMEOUT=${NGINX_PROXY_READ_TIMEOUT:-5s}
 export NGINX_PORT=${NGINX_PORT:-8080}
+# Presence expires in 6 s instead of 15: the crashed-member test waits out the bound (8 s).
+export CHAT_PRESENCE_TTL=${CHAT_PRESENCE_TTL:-6}
+# The suite asks the demo issuer for a few dozen tokens; its per-address limit would make it wait.
+export NGINX_AUTH_TOKENS_PER_MINUTE=${NGINX_AUTH_TOKENS_PER_MINUTE:-600}
+export NGINX_AUTH_TOKEN_BURST=${NGINX_AUTH_TOKEN_BURST:-100}
 # Two instances of each app: chat messages must cross replicas through Redis.
 export LOCAL_REPLICAS=${LOCAL_REPLICAS:-2}
 export STACK_BASE_URL=${STACK_BASE_URL:-http://127.0.0.1:${NGINX_PORT}}

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from chat_client import chat_url, new_room
+from chat_client import SUBPROTOCOL, chat_url, new_room, protocols, token
 from stack import PING_FREQ, ws_url
 from test_protocol import echo_once, uwsgi_processes
 from wsstack.conformance import expect_close_code
@@ -18,8 +18,13 @@ from wsstack.rawws import BINARY, CONT, PING, PONG, TEXT, RawWebSocket, encode_f
 ROUTES = ["echo", "chat"]
 
 
-def route_url(backend, route):
-    return ws_url(backend) if route == "echo" else chat_url(backend, new_room(), "hostile")
+def route_socket(backend, route, offered=()):
+    """A RawWebSocket to the route, offering `offered` subprotocols (the chat's own with its token too)."""
+    if route == "echo":
+        url = ws_url(backend)
+    else:
+        url, offered = chat_url(backend, new_room()), [*offered, *protocols(token("hostile")["token"])]
+    return RawWebSocket(url, headers={"Sec-WebSocket-Protocol": ", ".join(offered)} if offered else None)
 
 
 def fragment_then_continuation_declaring(length):
@@ -40,7 +45,7 @@ def test_a_continuation_declaring_2_64_minus_1_bytes_is_1002_and_kills_no_worker
     app = f"{backend}-app"
     before = uwsgi_processes(app)
     assert len(before) >= 3  # master and two workers
-    with RawWebSocket(route_url(backend, route)) as ws:
+    with route_socket(backend, route) as ws:
         data = fragment_then_continuation_declaring(2**64 - 1)
         assert len(data) == 22
         ws.send_raw(data)
@@ -73,12 +78,13 @@ def test_a_continuation_declaring_2_63_minus_1_bytes_is_1009(backend):
 # --- 4. Subprotocols ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_an_offered_subprotocol_is_not_accepted(backend, route):
-    """Neither app speaks a subprotocol, so the 101 must not name one (RFC 6455 4.2.2: the
-    server picks one it supports, or none); a client would otherwise speak graphql-ws to an
+def test_only_a_subprotocol_the_route_speaks_is_accepted(backend, route):
+    """The 101 names at most one subprotocol, one the server speaks (RFC 6455 4.2.2): none for
+    the echo, the chat's own for the chat; a client would otherwise speak graphql-ws to an
     echo. Old behaviour: the 101 carried `Sec-WebSocket-Protocol: graphql-ws`."""
-    with RawWebSocket(route_url(backend, route), headers={"Sec-WebSocket-Protocol": "graphql-ws, wamp"}) as ws:
-        assert ws.response_headers.get("sec-websocket-protocol") is None, ws.response_headers
+    with route_socket(backend, route, offered=["graphql-ws", "wamp"]) as ws:
+        selected = ws.response_headers.get("sec-websocket-protocol")
+        assert selected == (None if route == "echo" else [SUBPROTOCOL]), ws.response_headers
         if route == "echo":  # the connection is otherwise an ordinary one
             ws.send(TEXT, b"no subprotocol")
             assert ws.recv_message(timeout=5).payload == b"no subprotocol"

@@ -15,6 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.exceptions import InvalidStatus
 from websockets.sync.client import connect
 
+from chat_client import raw_chat
 from stack import http_get, ws_url
 from wsstack import exposition
 from wsstack.rawws import BINARY, TEXT, RawWebSocket
@@ -145,7 +146,8 @@ def test_metrics_are_valid_prometheus_text_with_every_family_declared(internal, 
             else:
                 assert re.fullmatch(r"[a-z_]+\{[^}]*\} \d+", line) and line.startswith(declared + "{"), line
         reasons = {s.labels["reason"] for s in families["wsstack_websocket_handshake_failures"].samples}
-        assert reasons == {"not_upgrade", "bad_key", "bad_version", "origin", "worker_full", "chat_params"}
+        assert reasons == {"not_upgrade", "bad_key", "bad_version", "origin", "worker_full", "chat_params",
+                           "unauthorized", "backplane"}
 
 
 def echo_workload(backend):
@@ -168,9 +170,10 @@ def echo_workload(backend):
     with RawWebSocket(ws_url(backend)) as raw:  # invalid UTF-8: uWSGI closes 1007 (patch 0005)
         raw.send(TEXT, b"\xff\xfe")
         assert raw.expect_close(timeout=5).close_code == 1007
-    room = f"metrics-{time.monotonic_ns()}"  # empty: the history is just history_end (1 text out)
-    with RawWebSocket(ws_url(backend, f"chat?room={room}&user=m")) as raw:  # binary in chat: the app closes 1003
+    room = f"metrics-{time.monotonic_ns()}"  # empty: history_end and the presence list (2 texts out)
+    with raw_chat(backend, room, "m") as raw:  # binary in chat: the app closes 1003
         assert json.loads(raw.recv_message(timeout=5).payload)["type"] == "history_end"
+        assert json.loads(raw.recv_message(timeout=5).payload)["type"] == "presence"
         raw.send(BINARY, b"\x01")
         assert raw.expect_close(timeout=5).close_code == 1003
 
@@ -180,11 +183,8 @@ def echo_workload(backend):
     assert http_get(f"/{backend}/ws/echo", dict(upgrade, **{"Sec-WebSocket-Key": "short"})).status == 400
     assert http_get(f"/{backend}/ws/echo", dict(upgrade, **{"Sec-WebSocket-Version": "8"})).status == 426
     assert http_get(f"/{backend}/ws/echo", dict(upgrade, Origin="https://evil.example")).status == 403
-    if backend == "uwsgi":
-        assert http_get(f"/{backend}/ws/chat?room=bad%20room&user=m", upgrade).status == 400
-    else:  # flask-app's routes run after the handshake: 1008
-        with RawWebSocket(ws_url(backend, "chat?room=bad%20room&user=m")) as raw:
-            assert raw.expect_close(timeout=5).close_code == 1008
+    assert http_get(f"/{backend}/ws/chat?room=bad%20room", upgrade).status == 400
+    assert http_get(f"/{backend}/ws/chat?room=fine", upgrade).status == 401  # no token
 
 
 def expected_deltas(backend):
@@ -194,7 +194,7 @@ def expected_deltas(backend):
         sample("wsstack_websocket_connections_total", app): 5,
         sample("wsstack_websocket_messages_received_total", app, type="text"): 7,
         sample("wsstack_websocket_messages_received_total", app, type="binary"): 2,
-        sample("wsstack_websocket_messages_sent_total", app, type="text"): 8,
+        sample("wsstack_websocket_messages_sent_total", app, type="text"): 9,
         sample("wsstack_websocket_messages_sent_total", app, type="binary"): 1,
         sample(closes, app, code="1000", initiator="client"): 1,
         sample(closes, app, code="4000-4999", initiator="client"): 1,
@@ -202,11 +202,8 @@ def expected_deltas(backend):
         sample(closes, app, code="1007", initiator="server"): 1,
         sample(closes, app, code="1003", initiator="server"): 1,
     }
-    for reason in ("not_upgrade", "bad_key", "bad_version", "origin", "chat_params"):
+    for reason in ("not_upgrade", "bad_key", "bad_version", "origin", "chat_params", "unauthorized"):
         expected[sample("wsstack_websocket_handshake_failures_total", app, reason=reason)] = 1
-    if backend == "flask":  # the refused chat was a WebSocket for a moment
-        expected[sample("wsstack_websocket_connections_total", app)] += 1
-        expected[sample(closes, app, code="1008", initiator="server")] = 1
     return expected
 
 

@@ -34,7 +34,7 @@ from typing import NamedTuple
 
 import jwt
 
-from wsstack.settings import env_whole_number
+from wsstack.settings import whole_number
 
 SUBPROTOCOL = "wsstack.chat.v1"
 BEARER_PREFIX = "bearer."
@@ -185,8 +185,8 @@ def load_settings(environ):
         audience=environ.get("CHAT_TOKEN_AUDIENCE", ""),
         issuer=environ.get("CHAT_TOKEN_ISSUER", ""),
         name_claim=environ.get("CHAT_TOKEN_NAME_CLAIM", "name") or "name",
-        leeway=env_whole_number("CHAT_TOKEN_LEEWAY", "10", minimum=0),
-        ttl=env_whole_number("CHAT_TOKEN_TTL", "900", minimum=10),
+        leeway=whole_number("CHAT_TOKEN_LEEWAY", environ.get("CHAT_TOKEN_LEEWAY", "10"), 0),
+        ttl=whole_number("CHAT_TOKEN_TTL", environ.get("CHAT_TOKEN_TTL", "900"), 10),
         demo_issuer=demo == "on",
     )
 

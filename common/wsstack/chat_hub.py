@@ -12,7 +12,7 @@ Per process, whatever the number of rooms and connections:
 
 CHAT_MAX_ROOMS_PER_PROCESS  rooms with local clients at once (default 1000); beyond: close 1013
 CHAT_MAX_ROOMS_PER_CLIENT   rooms one client address has open in one process (default 10); beyond: close 1008
-CHAT_SEND_BACKLOG           live messages waiting for one connection (default 256); beyond: close 1013
+CHAT_SEND_BACKLOG           live messages waiting for one connection (default 256, at least 100); beyond: close 1013
 CHAT_REDIS_POOL_SIZE        Redis connections per process besides the reader (default 20)
 """
 import os
@@ -36,7 +36,8 @@ WAKE_MAXLEN = 10
 
 MAX_ROOMS_PER_PROCESS = env_whole_number("CHAT_MAX_ROOMS_PER_PROCESS", "1000")
 MAX_ROOMS_PER_CLIENT = env_whole_number("CHAT_MAX_ROOMS_PER_CLIENT", "10")
-SEND_BACKLOG = env_whole_number("CHAT_SEND_BACKLOG", "256")
+# At least a page: the reader hands a connection up to chat_store.PAGE entries at once.
+SEND_BACKLOG = env_whole_number("CHAT_SEND_BACKLOG", "256", minimum=chat_store.PAGE)
 REDIS_POOL_SIZE = env_whole_number("CHAT_REDIS_POOL_SIZE", "20")
 
 

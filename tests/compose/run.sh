@@ -24,6 +24,9 @@ export COMPOSE_PROJECT_NAME=$project
 # The suite proves an idle WebSocket outlives nginx's timeout with short intervals.
 export NGINX_PROXY_READ_TIMEOUT=${NGINX_PROXY_READ_TIMEOUT:-5s}
 export UWSGI_WEBSOCKETS_PING_FREQ=${UWSGI_WEBSOCKETS_PING_FREQ:-2}
+# The suite asks the demo token issuer for a few dozen tokens (as scripts/test.sh does).
+export NGINX_AUTH_TOKENS_PER_MINUTE=${NGINX_AUTH_TOKENS_PER_MINUTE:-600}
+export NGINX_AUTH_TOKEN_BURST=${NGINX_AUTH_TOKEN_BURST:-100}
 export NGINX_PORT=${COMPOSE_TEST_NGINX_PORT:-18080}
 export NGINX_TLS_PORT=${COMPOSE_TEST_NGINX_TLS_PORT:-18443}
 log_dir=.run/compose
