@@ -42,15 +42,20 @@ def browser():
 @pytest.fixture
 def open_page(browser, request):
     """open_page(url, **context_options) -> DemoPage, each in a fresh browser context (no shared
-    storage); the options go to Playwright's new_context (e.g. ignore_https_errors=True)."""
+    storage: another browser, another user); the options go to Playwright's new_context (e.g.
+    ignore_https_errors=True). open_page(url, tab_of=demo) opens a second tab of demo's browser
+    instead (same localStorage: the same signed-in user)."""
     expect.set_options(timeout=TIMEOUT_MS)
     pages = request.node.stash.setdefault(PAGES, [])
     contexts = []
 
-    def open_(url, **context_options):
-        context = browser.new_context(**context_options)
-        contexts.append(context)
-        context.set_default_timeout(TIMEOUT_MS)
+    def open_(url, tab_of=None, **context_options):
+        if tab_of is None:
+            context = browser.new_context(**context_options)
+            contexts.append(context)
+            context.set_default_timeout(TIMEOUT_MS)
+        else:
+            context = tab_of.page.context
         demo = DemoPage(context.new_page())
         pages.append(demo)
         demo.page.goto(url)
@@ -78,6 +83,9 @@ class DemoPage:
         self.chat_state = page.locator("#chat-state")
         self.messages = page.locator("#chat-messages li")
         self.texts = page.locator("#chat-messages li .text")
+        self.members = page.locator("#chat-members li")
+        self.member_count = page.locator("#chat-count")
+        self.recovery = page.locator("#chat-recovery")
 
     def _on_dialog(self, dialog):
         self.dialogs.append(f"{dialog.type}: {dialog.message}")
@@ -95,11 +103,28 @@ class DemoPage:
         self.page.fill("#echo-input", text)
         self.page.click("#echo-send")
 
-    def join(self, room, user):
+    def sign_in(self, name):
+        self.page.fill("#chat-name", name)
+        self.page.click("#chat-signin-button")
+        expect(self.page.locator("#chat-me")).to_have_text(f"Signed in as {name}")
+
+    def identity(self):
+        """What the page keeps in localStorage: {token, expires_at, user: {id, name}}, or None."""
+        return self.page.evaluate("() => JSON.parse(localStorage.getItem('wsstack.chat.identity'))")
+
+    def join(self, room, user=None):
+        """Join `room`, signing in as `user` first when given."""
+        if user is not None:
+            self.sign_in(user)
         self.page.fill("#chat-room", room)
-        self.page.fill("#chat-user", user)
         self.page.click("#chat-join-button")
         expect(self.chat_state).to_have_attribute("data-state", "connected")
+        # The presence snapshot comes after the history: then the page has the whole start.
+        expect(self.member_count).not_to_have_text("0 in the room")
+
+    def leave(self):
+        self.page.click("#chat-join-button")
+        expect(self.chat_state).to_have_attribute("data-state", "closed")
 
     def say(self, text):
         self.page.fill("#chat-input", text)
