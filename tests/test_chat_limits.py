@@ -67,7 +67,10 @@ def test_rooms_are_capped_per_client_address_and_per_process(app, tmp_path):
 def test_a_client_that_stops_reading_is_closed_with_1013_once_the_backlog_is_full(app, tmp_path):
     """One policy on both apps: live messages wait for a connection up to CHAT_SEND_BACKLOG;
     then it is closed (it resumes with last_id), and nothing grows without bound meanwhile."""
+    # Pings every 60 s: a client that reads nothing answers no ping either, and the pong
+    # timeout (the suite's 2 s pings) would otherwise drop it before its backlog fills.
     with running_app(app, tmp_path / "app.log", REDIS_URL=REDIS_URL, CHAT_SEND_BACKLOG="150",
+                     UWSGI_WEBSOCKETS_PING_FREQ="60",
                      WS_MAX_MESSAGES_PER_SECOND="100000", WS_MESSAGE_BURST="100000") as url:
         base = "ws" + url[len("http"):]
         room = new_room()

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
-from chat_client import ChatClient, new_room, token
+from chat_client import ChatClient, new_room, request_token, token
 from local_processes import running_app_process
 
 PRESENCE_TTL = int(os.environ.get("CHAT_PRESENCE_TTL", "15"))
@@ -55,18 +56,15 @@ def test_one_token_in_two_tabs_is_one_member():
         assert (event["type"], event["user"]["id"]) == ("leave", tabs["user"]["id"])
 
 
-def redis(*args):
-    return subprocess.run(["redis-cli", "-p", str(REDIS_PORT), *args], capture_output=True, text=True,
-                          timeout=10, check=True).stdout.strip()
-
-
 @pytest.mark.local
 def test_the_member_list_is_capped_and_says_how_many_there_are():
     room = new_room()
     far = str(int((time.time() + 600) * 1000))
-    for i in range(150):  # members of other processes, as Redis holds them
-        redis("ZADD", f"chat:{room}:presence", far, f"u-fake-{i}")
-        redis("HSET", f"chat:{room}:names", f"u-fake-{i}", f"fake {i}")
+    # 150 members of other processes, as Redis holds them, in one redis-cli session
+    commands = "".join(f"ZADD chat:{room}:presence {far} u-fake-{i}\nHSET chat:{room}:names u-fake-{i} fake-{i}\n"
+                       for i in range(150))
+    subprocess.run(["redis-cli", "-p", str(REDIS_PORT)], input=commands, capture_output=True, text=True,
+                   timeout=30, check=True)
     with ChatClient("flask", room, "counted") as client:
         assert len(client.presence["members"]) == 100  # CHAT_PRESENCE_MAX
         assert client.presence["count"] == 151
@@ -100,3 +98,26 @@ def test_a_member_of_a_crashed_app_process_disappears_within_the_bound(tmp_path)
             assert (event["type"], event["user"]["id"]) == ("leave", doomed.uid)
             doomed.connection.socket.close()
             assert took <= PRESENCE_TTL * 4 / 3 + 1, f"left {took:.1f} s after the crash"
+
+
+def test_a_member_whose_token_expired_reconnects_without_a_leave_and_a_join():
+    """After the server's 4001 (or 1001 at a stop) the client comes right back: the others see
+    neither a leave nor a join for it, only its messages."""
+    room = new_room()
+    first = token("renewer", ttl=1, fresh=True)
+    with ChatClient("uwsgi", room, "watcher") as watcher:
+        expiring = ChatClient("flask", room, "renewer", token_document=first)
+        assert next_presence_event(watcher)["type"] == "join"
+        with pytest.raises(ConnectionClosed) as closed:
+            while True:
+                expiring.next_event(timeout=20)  # exp + CHAT_AUTH_LEEWAY (10 s)
+        assert closed.value.rcvd.code == 4001
+        status, renewed = request_token("renewer", renew=first["token"])
+        assert status == 200 and renewed["user"]["id"] == first["user"]["id"]
+        with ChatClient("uwsgi", room, "renewer", token_document=renewed) as back:
+            assert first["user"]["id"] in [m["id"] for m in back.presence["members"]]
+            back.say("back again")
+            event = watcher.next_event()  # nothing between: no leave, no join
+            assert (event["type"], event.get("text")) == ("message", "back again"), event
+        event = next_presence_event(watcher)  # a close of its own is a leave at once
+        assert (event["type"], event["user"]["id"]) == ("leave", first["user"]["id"])

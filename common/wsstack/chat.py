@@ -36,6 +36,10 @@ if MAX_TEXT_BYTES >= MAX_FRAME_BYTES:
     raise ValueError(f"CHAT_MAX_TEXT_BYTES ({MAX_TEXT_BYTES}) must be below CHAT_MAX_FRAME_BYTES ({MAX_FRAME_BYTES})")
 
 
+# Close codes after which a client reconnects at once (Session.end).
+COMING_BACK = (1001, auth.TOKEN_EXPIRED_CODE)
+
+
 class InvalidParams(ValueError):
     """A chat URL the server refuses (400 at the handshake)."""
 
@@ -235,12 +239,17 @@ class Session:
             raise backplane_down() from None
         return None
 
-    def end(self):
+    def end(self, close_status=None):
+        """`close_status`: the backend's (code, sent by the peer) of the first close frame, or
+        None. After the server's 1001 (it stops) or 4001 (the token expired) the client comes
+        right back: its leave is left to presence expiry, so that the others see no leave and
+        join for a deploy or a token renewal."""
         if self.subscription is None:
             return
+        coming_back = close_status is not None and not close_status[1] and close_status[0] in COMING_BACK
         try:
             if self.joined:
-                self.hub.member_left(self.subscription, self.identity)
+                self.hub.member_left(self.subscription, self.identity, coming_back)
         except redis.RedisError:
             pass  # its presence expires by itself within CHAT_PRESENCE_TTL
         finally:

@@ -192,7 +192,7 @@ class Hub:
             entry[1] += 1
         chat_store.join(self.redis, subscription.room, identity)
 
-    def member_left(self, subscription, identity):
+    def member_left(self, subscription, identity, coming_back=False):
         room = self.rooms.get(subscription.room)
         if room is not None:
             entry = room.members.get(identity.id)
@@ -200,7 +200,7 @@ class Hub:
                 entry[1] -= 1
                 if entry[1] <= 0:
                     del room.members[identity.id]
-        chat_store.leave(self.redis, subscription.room, identity)
+        chat_store.leave(self.redis, subscription.room, identity, coming_back)
 
     def _beat(self):
         while self.rooms:

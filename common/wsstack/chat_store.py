@@ -210,9 +210,11 @@ def join(redis, room, identity):
             pipe.execute()
 
 
-def leave(redis, room, identity):
-    """One connection of the member fewer; the last one anywhere announces its leave."""
-    if redis.hincrby(f"chat:{room}:tabs", identity.id, -1) > 0:
+def leave(redis, room, identity, coming_back=False):
+    """One connection of the member fewer; the last one anywhere announces its leave, unless
+    it is `coming_back` (it was closed to reconnect): then its presence is left to expire, and
+    a reconnect within CHAT_PRESENCE_TTL is no leave and no join for the others."""
+    if redis.hincrby(f"chat:{room}:tabs", identity.id, -1) > 0 or coming_back:
         return
     remove_member(redis, room, identity.id, identity.name)
 
