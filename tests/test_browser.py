@@ -341,7 +341,12 @@ def test_token_is_renewed_before_it_expires_and_after_a_4001(open_page):
     assert renewed["user"] == short["user"] and renewed["expires_at"] > short["expires_at"], renewed
     # The connection still holds the first token; its expiry closes it (4001), and the page
     # is back with the new token, from where it was.
-    demo.page.wait_for_function(f"() => Date.now() / 1000 > {short['expires_at']}", timeout=25_000)
+    # (valid until exp + CHAT_AUTH_LEEWAY, as at the handshake)
+    leeway = int(os.environ.get("CHAT_AUTH_LEEWAY", "10"))
+    demo.page.wait_for_function(f"() => Date.now() / 1000 > {short['expires_at'] + leeway + 1}", timeout=40_000)
+    deadline = time.monotonic() + 10
+    while len(demo.chat_urls()) < 2 and time.monotonic() < deadline:
+        demo.page.wait_for_timeout(100)
     expect(demo.chat_state).to_have_attribute("data-state", "connected")
     chat_urls = demo.chat_urls()
     assert len(chat_urls) >= 2 and query(chat_urls[-1])["last_id"] == ids(demo), chat_urls
