@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse lock clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ lock: ## regenerate every requirements.txt from its requirements.in (pinned, has
 
 # `make lock LOCK_UPGRADE=1` re-resolves every transitive pin; plain `make lock` keeps them.
 LOCK_UPGRADE ?= 0
+
+pin-images: ## pin the base images (compose defaults, Dockerfiles, docs, kustomize images:) to their registry digests
+	scripts/pin-images.sh $(PIN_IMAGES_ARGS)
+
+# `make pin-images PIN_IMAGES_ARGS="REDIS_IMAGE=redis:7.4.2@sha256:..."` writes a digest you have.
+PIN_IMAGES_ARGS ?=
 
 clean: ## remove the virtualenv and run-time files
 	rm -rf .venv .run

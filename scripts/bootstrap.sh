@@ -30,6 +30,10 @@ command -v clang >/dev/null || apt_packages+=(clang)
 dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || apt_packages+=(libclang-rt-14-dev)
 # nginx/dev-certs.sh makes the development TLS certificate with it.
 command -v openssl >/dev/null || apt_packages+=(openssl)
+# make pin-images asks a registry for the base images' digests with skopeo; the tests run it
+# against Debian's docker-registry on 127.0.0.1 (tests/test_supply_chain.py).
+command -v skopeo >/dev/null || apt_packages+=(skopeo)
+command -v docker-registry >/dev/null || apt_packages+=(docker-registry)
 # A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
 "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \

@@ -6,11 +6,16 @@ import gzip
 import hashlib
 import importlib.metadata
 import io
+import json
 import os
 import re
+import shutil
+import ssl
 import subprocess
 import sys
 import tarfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -18,7 +23,7 @@ from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from repo import DOCKERFILES, REPO
+from repo import DOCKERFILES, REPO, dev_certificate_dir, free_port
 
 pytestmark = pytest.mark.local
 
@@ -280,3 +285,156 @@ def test_build_uwsgi_passes_the_pinned_sdist_on_to_the_patches(tmp_path):
 def test_build_uwsgi_refuses_a_pin_without_a_hash(tmp_path):
     result = run_build_uwsgi(tmp_path, "uWSGI==2.0.31\n", minimal_sdist())
     assert result.returncode == 1 and "without a sha256" in result.stderr, result.stderr
+
+
+# --- base images by digest (scripts/pin-images.sh, make pin-images) ---------------------------
+IMAGE_VARIABLES = ["PYTHON_IMAGE", "NGINX_IMAGE", "REDIS_IMAGE"]
+REFERENCE = r"[a-z0-9./:-]+:\d+\.\d+\.\d+[\w.-]*(?:@sha256:[0-9a-f]{64})?"
+
+
+def image_defaults(root):
+    """{variable: every default the tree at root writes for it}: compose, Dockerfiles, docs,
+    and for Redis what kustomize renders into the Deployment."""
+    found = {variable: set() for variable in IMAGE_VARIABLES}
+    compose_text = (root / "docker-compose.yml").read_text()
+    for variable in IMAGE_VARIABLES:
+        found[variable] |= set(re.findall(rf"\$\{{{variable}:-([^}}]*)\}}", compose_text))
+        for dockerfile in root.glob("*/Dockerfile"):
+            found[variable] |= set(re.findall(rf"^ARG {variable}=(\S+)$", dockerfile.read_text(), re.M))
+        found[variable] |= set(re.findall(rf"^\| `{variable}` \| `([^`]+)` \|", (root / "docs/configuration.md").read_text(), re.M))
+    rendered = subprocess.run([str(Path(sys.executable).parent / "kubectl"), "kustomize", str(root / "k8s" / "base")],
+                              capture_output=True, text=True, check=True).stdout
+    found["REDIS_IMAGE"] |= set(re.findall(r"^\s+image: (redis\S*)$", rendered, re.M))
+    return found
+
+
+def test_each_base_image_has_one_reference_everywhere():
+    for variable, references in image_defaults(REPO).items():
+        assert len(references) == 1, (variable, references)
+        assert re.fullmatch(REFERENCE, next(iter(references))), references
+
+
+def pin_tree(tmp_path):
+    """The files pin-images.sh edits, with the script itself, copied into tmp_path."""
+    files = ["docker-compose.yml", "docs/configuration.md", "scripts/pin-images.sh",
+             *(str(p.relative_to(REPO)) for p in REPO.glob("*/Dockerfile")),
+             *(str(p.relative_to(REPO)) for p in (REPO / "k8s").rglob("*") if p.is_file())]
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(REPO / name, tmp_path / name)
+    return tmp_path
+
+
+def pin_images(root, *arguments, env=None):
+    return subprocess.run([str(root / "scripts" / "pin-images.sh"), *arguments], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+def untagged(reference):
+    return reference.split("@")[0]
+
+
+def test_pin_images_writes_given_digests_everywhere_and_replaces_them(tmp_path):
+    root = pin_tree(tmp_path)
+    before = {v: untagged(next(iter(r))) for v, r in image_defaults(root).items()}
+    first = {v: f"{before[v]}@sha256:{str(i) * 64}" for i, v in enumerate(IMAGE_VARIABLES, 1)}
+    result = pin_images(root, *(f"{v}={r}" for v, r in first.items()))
+    assert result.returncode == 0, result.stderr
+    assert image_defaults(root) == {v: {r} for v, r in first.items()}
+    # Again with another digest: replaced, not added.
+    again = f"{before['REDIS_IMAGE']}@sha256:{'e' * 64}"
+    assert pin_images(root, f"REDIS_IMAGE={again}").returncode == 0
+    assert image_defaults(root)["REDIS_IMAGE"] == {again}
+    assert image_defaults(root)["PYTHON_IMAGE"] == {first["PYTHON_IMAGE"]}
+
+
+def test_pin_images_refuses_a_digest_for_another_tag_or_a_malformed_one(tmp_path):
+    root = pin_tree(tmp_path)
+    result = pin_images(root, f"REDIS_IMAGE=redis:0.0.1@sha256:{'a' * 64}")
+    assert result.returncode == 1 and "change the tag first" in result.stderr, result.stderr
+    result = pin_images(root, "REDIS_IMAGE=redis:7.4.2@sha256:abc")
+    assert result.returncode == 2 and "expected VAR=" in result.stderr
+    assert (root / "docker-compose.yml").read_text() == (REPO / "docker-compose.yml").read_text()
+
+
+def oci_layout(directory, marker):
+    """A one-layer OCI image layout, distinct per marker; returns the manifest's digest."""
+    blobs = directory / "blobs" / "sha256"
+    blobs.mkdir(parents=True)
+
+    def blob(data):
+        digest = hashlib.sha256(data).hexdigest()
+        (blobs / digest).write_bytes(data)
+        return f"sha256:{digest}", len(data)
+
+    layer_tar = io.BytesIO()
+    with tarfile.open(fileobj=layer_tar, mode="w") as tar:
+        info = tarfile.TarInfo("marker")
+        info.size = len(marker.encode())
+        tar.addfile(info, io.BytesIO(marker.encode()))
+    layer_digest, layer_size = blob(gzip.compress(layer_tar.getvalue(), mtime=0))
+    config_digest, config_size = blob(json.dumps({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(layer_tar.getvalue()).hexdigest()]},
+    }).encode())
+    manifest_digest, manifest_size = blob(json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config_size},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer_size}],
+    }).encode())
+    (directory / "oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    (directory / "index.json").write_text(json.dumps({"schemaVersion": 2, "manifests": [{
+        "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest_size}]}))
+    return manifest_digest
+
+
+@pytest.fixture
+def loopback_registry(tmp_path):
+    """A Docker registry (Debian's docker-registry) on 127.0.0.1, with TLS from the tests'
+    development CA, standing in for Docker Hub."""
+    port = free_port()
+    tls = dev_certificate_dir()
+    config = tmp_path / "registry.yml"
+    config.write_text(json.dumps({
+        "version": 0.1, "log": {"level": "error"},
+        "storage": {"filesystem": {"rootdirectory": str(tmp_path / "data")}},
+        "http": {"addr": f"127.0.0.1:{port}",
+                 "tls": {"certificate": str(tls / "server.crt"), "key": str(tls / "server.key")}},
+    }))
+    process = subprocess.Popen(["docker-registry", "serve", str(config)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    context = ssl.create_default_context(cafile=str(tls / "ca.crt"))
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                urllib.request.urlopen(f"https://127.0.0.1:{port}/v2/", timeout=2, context=context).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the registry did not start"
+                time.sleep(0.2)
+        yield f"127.0.0.1:{port}", context, {"SSL_CERT_FILE": str(tls / "ca.crt")}
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_pin_images_asks_the_registry_for_each_tags_digest(tmp_path, loopback_registry):
+    registry, context, env = loopback_registry
+    root = pin_tree(tmp_path / "tree")
+    served = {}
+    for variable, references in image_defaults(root).items():
+        name, tag = untagged(next(iter(references))).rsplit(":", 1)
+        layout = tmp_path / "layouts" / variable
+        oci_layout(layout, variable)
+        subprocess.run(["skopeo", "copy", "--quiet", f"oci:{layout}", f"docker://{registry}/library/{name}:{tag}"],
+                       env={**os.environ, **env}, check=True, capture_output=True, timeout=60)
+        # What the registry itself says the tag's manifest is, not what the script computes.
+        request = urllib.request.Request(f"https://{registry}/v2/library/{name}/manifests/{tag}", method="HEAD",
+                                         headers={"Accept": "application/vnd.oci.image.manifest.v1+json"})
+        with urllib.request.urlopen(request, timeout=5, context=context) as response:
+            served[variable] = f"{name}:{tag}@{response.headers['Docker-Content-Digest']}"
+    assert len(set(served.values())) == 3
+    result = pin_images(root, env={**env, "PIN_IMAGES_REGISTRY": registry})
+    assert result.returncode == 0, result.stderr
+    assert image_defaults(root) == {v: {r} for v, r in served.items()}
