@@ -39,7 +39,7 @@ command -v docker-registry >/dev/null || apt_packages+=(docker-registry)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
     2>/dev/null || apt_packages+=(python3-dev)
 # --- browser tests (tests/test_browser.py) -------------------------------------------------
-# Debian's Chromium, driven by Playwright (tests/requirements-browser.txt, installed with the
+# Debian's Chromium, driven by Playwright (tests/requirements-browser.in, locked with the
 # other requirements below). Playwright's own browser download is unreachable here: never
 # `playwright install`; the tests launch /usr/bin/chromium.
 [ -x /usr/bin/chromium ] || apt_packages+=(chromium)
