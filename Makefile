@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -40,12 +40,25 @@ fuzz-replay: bootstrap ## replay the committed fuzz corpus and regression inputs
 bench: bootstrap ## benchmark against the targets P1-P5 of docs/benchmark.md (about 10 min); BENCH_ARGS="--quick" or see --help
 	.venv/bin/python bench/bench.py $(BENCH_ARGS)
 
-wheelhouse: bootstrap ## download every pinned Python package into wheelhouse/ (for offline image builds)
-	.venv/bin/pip download -q --disable-pip-version-check -d wheelhouse \
-		-r uwsgi-app/requirements.txt -r flask-app/requirements.txt -r tests/requirements.txt \
-		setuptools wheel "async-timeout>=4.0.3"
-# setuptools and wheel build the sdists; async-timeout is what redis needs on Python < 3.11.3
-# (Debian's 3.11.2), which a download on a newer Python would not select.
+wheelhouse: bootstrap ## download every locked Python package of the images into wheelhouse/ (for offline image builds)
+	.venv/bin/pip download -q --disable-pip-version-check --require-hashes --no-build-isolation -d wheelhouse \
+		-r common/build-requirements.txt -r uwsgi-app/requirements.txt -r flask-app/requirements.txt \
+		-r tests/requirements.txt
+# The locks are resolved for Python 3.11.2 (scripts/lock.sh), so they carry what an older
+# Python needs (async-timeout for redis before 3.11.3) without a marker that a download on
+# this machine's newer Python would skip.
+
+lock: ## regenerate every requirements.txt from its requirements.in (pinned, hashed closure); LOCK_UPGRADE=1 upgrades all
+	LOCK_UPGRADE=$(LOCK_UPGRADE) scripts/lock.sh
+
+# `make lock LOCK_UPGRADE=1` re-resolves every transitive pin; plain `make lock` keeps them.
+LOCK_UPGRADE ?= 0
+
+pin-images: ## pin the base images (compose defaults, Dockerfiles, docs, kustomize images:) to their registry digests
+	scripts/pin-images.sh $(PIN_IMAGES_ARGS)
+
+# `make pin-images PIN_IMAGES_ARGS="REDIS_IMAGE=redis:7.4.2@sha256:..."` writes a digest you have.
+PIN_IMAGES_ARGS ?=
 
 clean: ## remove the virtualenv and run-time files
 	rm -rf .venv .run

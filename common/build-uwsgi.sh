@@ -1,11 +1,16 @@
 #!/bin/sh
 # Build and install uWSGI with the project's patch set, into the virtualenv that owns PIP.
 # Used by scripts/bootstrap.sh (local mode) and by both app Dockerfiles, so every mode runs
-# the same uWSGI: the pinned sdist (from PyPI, or wheelhouse/ through PIP_FIND_LINKS and
-# PIP_NO_INDEX), the patches in common/uwsgi-patches/ applied in order, compiled against
-# libssl-dev (the WebSocket handshake needs SSL).
+# the same uWSGI: the pinned sdist (from the index, or wheelhouse/ through PIP_FIND_LINKS and
+# PIP_NO_INDEX), checked against the sha256 its lock file pins, the patches in
+# common/uwsgi-patches/ applied in order, compiled against libssl-dev (the WebSocket handshake
+# needs SSL).
 #   usage: build-uwsgi.sh PIP REQUIREMENTS_FILE
 #          build-uwsgi.sh --source-only DIR REQUIREMENTS_FILE [PIP]
+# REQUIREMENTS_FILE is a lock written by `make lock`: its uwsgi==VERSION entry and that
+# entry's --hash lines say which sdist to build. PIP's environment must hold the build lock
+# (common/build-requirements.txt): the sdist's metadata and build run without build isolation,
+# with that hash-checked setuptools.
 # --source-only stops before compiling: DIR (created, must not exist yet) becomes the patched
 # source tree. The fuzz harness (common/uwsgi-fuzz/) compiles from it, so it tests exactly
 # the websockets.c that the installed uWSGI runs. PIP defaults to `python3 -m pip`; it is only
@@ -26,15 +31,29 @@ else
     requirements=$2
 fi
 
-version=$(sed -n 's/^uWSGI==\([0-9.]*\).*/\1/p' "$requirements")
-[ -n "$version" ] || { echo "build-uwsgi: no uWSGI==VERSION pin in $requirements" >&2; exit 1; }
+# The lock's uwsgi entry: the pin line, then its --hash lines (names are case-insensitive).
+entry=$(awk 'tolower($1) ~ /^uwsgi==/ { keep = 1; print; next } keep && $1 ~ /^--hash=/ { print; next } { keep = 0 }' "$requirements")
+version=$(printf '%s\n' "$entry" | sed -n '1s/^[^=]*==\([0-9.]*\).*/\1/p')
+[ -n "$version" ] || { echo "build-uwsgi: no uwsgi==VERSION pin in $requirements" >&2; exit 1; }
+sha256s=$(printf '%s\n' "$entry" | sed -n 's/^ *--hash=sha256:\([0-9a-f]\{64\}\).*/\1/p')
+[ -n "$sha256s" ] || { echo "build-uwsgi: $requirements pins uWSGI $version without a sha256 (a lock written by make lock has one)" >&2; exit 1; }
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
-if [ -n "$pip" ]; then
-    "$pip" download --quiet --disable-pip-version-check --no-deps --no-binary uWSGI -d "$work" "uWSGI==$version"
-else
-    python3 -m pip download --quiet --disable-pip-version-check --no-deps --no-binary uWSGI -d "$work" "uWSGI==$version"
+# pip checks the hash in hash-checking mode before it runs anything of the sdist (its setup.py
+# prepares the metadata), so a file that is not the locked one is never executed.
+printf 'uwsgi==%s%s\n' "$version" "$(printf ' --hash=sha256:%s' $sha256s)" >"$work/uwsgi.txt"
+run_pip() {
+    if [ -n "$pip" ]; then "$pip" "$@"; else python3 -m pip "$@"; fi
+}
+if ! run_pip download --quiet --disable-pip-version-check --require-hashes --no-deps --no-binary uWSGI \
+        --no-build-isolation -d "$work" -r "$work/uwsgi.txt" 2>"$work/pip.log"; then
+    cat "$work/pip.log" >&2
+    if grep -q "DO NOT MATCH THE HASHES" "$work/pip.log"; then
+        echo "build-uwsgi: the uWSGI $version sdist that pip found is not the one $requirements pins" \
+            "(sha256 $(echo $sha256s)): refusing to build it" >&2
+    fi
+    exit 1
 fi
 tar -xzf "$work"/[uU][wW][sS][gG][iI]-"$version".tar.gz -C "$work"
 source_dir=$(find "$work" -mindepth 1 -maxdepth 1 -type d -iname "uwsgi-$version")
@@ -52,7 +71,7 @@ if [ -n "$source_only" ]; then
     exit 0
 fi
 
-"$pip" install --quiet --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps "$source_dir"
+run_pip install --quiet --disable-pip-version-check --no-cache-dir --force-reinstall --no-deps --no-build-isolation "$source_dir"
 
 uwsgi=$(dirname "$pip")/uwsgi
 "$uwsgi" --cflags | tr ' ' '\n' | grep -qx -- -DUWSGI_SSL \

@@ -30,12 +30,16 @@ command -v clang >/dev/null || apt_packages+=(clang)
 dpkg -s libclang-rt-14-dev >/dev/null 2>&1 || apt_packages+=(libclang-rt-14-dev)
 # nginx/dev-certs.sh makes the development TLS certificate with it.
 command -v openssl >/dev/null || apt_packages+=(openssl)
+# make pin-images asks a registry for the base images' digests with skopeo; the tests run it
+# against Debian's docker-registry on 127.0.0.1 (tests/test_supply_chain.py).
+command -v skopeo >/dev/null || apt_packages+=(skopeo)
+command -v docker-registry >/dev/null || apt_packages+=(docker-registry)
 # A Debian-packaged python3 needs these to create the venv and to compile uWSGI against it.
 "$PYTHON" -c "import ensurepip" 2>/dev/null || apt_packages+=(python3-venv)
 "$PYTHON" -c "import os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h'))" \
     2>/dev/null || apt_packages+=(python3-dev)
 # --- browser tests (tests/test_browser.py) -------------------------------------------------
-# Debian's Chromium, driven by Playwright (tests/requirements-browser.txt, installed with the
+# Debian's Chromium, driven by Playwright (tests/requirements-browser.in, locked with the
 # other requirements below). Playwright's own browser download is unreachable here: never
 # `playwright install`; the tests launch /usr/bin/chromium.
 [ -x /usr/bin/chromium ] || apt_packages+=(chromium)
@@ -54,22 +58,30 @@ if [ ${#apt_packages[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${apt_packages[@]}" >/dev/null
 fi
 
-requirements=(uwsgi-app/requirements.txt flask-app/requirements.txt tests/requirements.txt tests/requirements-browser.txt
-              tests/requirements-k8s.txt bench/requirements.txt)
+# Every Python package comes from a lock written by `make lock` (scripts/lock.sh), installed
+# with --require-hashes: the build lock (pip, setuptools, wheel) first, then local mode's whole
+# closure (scripts/requirements-local.txt), built without build isolation so the sdists use
+# that hash-checked setuptools.
+locks=(common/build-requirements.txt scripts/requirements-local.txt tests/requirements-compose-schema.txt)
 stamp="$VENV/.requirements.sha256"
-wanted=$(cat "${requirements[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
-if [ ! -x "$VENV/bin/python" ]; then
-    "$PYTHON" -m venv "$VENV"
-fi
+wanted=$(cat "${locks[@]}" scripts/bootstrap.sh common/build-uwsgi.sh common/uwsgi-patches/*.patch | sha256sum | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ] || ! "$VENV/bin/uwsgi" --version 2>/dev/null | grep -q -- -wsstack; then
     echo "bootstrap: installing Python dependencies into $VENV"
-    "$VENV/bin/pip" install -q --disable-pip-version-check --upgrade pip
+    # A new virtualenv each time the locks change: pip only adds and replaces, so a package
+    # that left the locks would otherwise stay installed, unlocked.
+    if [ -f "$VENV/pyvenv.cfg" ]; then
+        rm -rf "$VENV"
+    fi
+    "$PYTHON" -m venv "$VENV"
+    pip_install=("$VENV/bin/pip" install -q --disable-pip-version-check --require-hashes)
+    "${pip_install[@]}" -r common/build-requirements.txt
     # uWSGI first, patched and compiled with SSL (the same script the Dockerfiles run); the
-    # requirements then find uWSGI==2.0.31 already installed.
-    common/build-uwsgi.sh "$VENV/bin/pip" uwsgi-app/requirements.txt
-    "$VENV/bin/pip" install -q --disable-pip-version-check $(printf -- '-r %s ' "${requirements[@]}")
-    # The Compose Specification JSON schema for tests/test_static.py; only its data file is used.
-    "$VENV/bin/pip" install -q --disable-pip-version-check --no-deps docker-compose==1.29.2
+    # lock then finds uwsgi==2.0.31 already installed.
+    common/build-uwsgi.sh "$VENV/bin/pip" scripts/requirements-local.txt
+    "${pip_install[@]}" --no-build-isolation -r scripts/requirements-local.txt
+    # The Compose Specification JSON schema for tests/test_static.py; only its data file is
+    # used, so docker-compose comes without its dependencies.
+    "${pip_install[@]}" --no-deps -r tests/requirements-compose-schema.txt
     echo "$wanted" >"$stamp"
 fi
 

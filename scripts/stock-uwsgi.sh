@@ -8,6 +8,10 @@ stock=.run/stock-venv
 if ! "$stock/bin/uwsgi" --version 2>/dev/null | grep -qx '[0-9.]*'; then
     echo "stock-uwsgi: building stock uWSGI into $stock" >&2
     python3 -m venv "$stock"
-    "$stock/bin/pip" install -q --disable-pip-version-check --no-cache-dir --no-binary uWSGI \
-        -r uwsgi-app/requirements.txt -r flask-app/requirements.txt
+    # The apps' locks, hash-checked as everywhere; the build lock first, for the uWSGI sdist's
+    # build without build isolation.
+    "$stock/bin/pip" install -q --disable-pip-version-check --no-cache-dir --require-hashes \
+        -r common/build-requirements.txt
+    "$stock/bin/pip" install -q --disable-pip-version-check --no-cache-dir --require-hashes \
+        --no-build-isolation --no-binary uWSGI -r uwsgi-app/requirements.txt -r flask-app/requirements.txt
 fi

@@ -1,5 +1,5 @@
 """The Kubernetes manifests (k8s/), checked offline: each kustomization is rendered by the real
-kustomize (the one built into kubectl, from tests/requirements-k8s.txt), every object is
+kustomize (the one built into kubectl, from tests/requirements-k8s.in), every object is
 validated against the Kubernetes API schemas (kubernetes-validate, strict: unknown fields are
 errors), and the manifests are compared with what they must agree with: the compose file, the
 images, the uWSGI and nginx configs, the running apps. No cluster is involved."""

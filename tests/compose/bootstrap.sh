@@ -20,7 +20,9 @@ if [ ${#packages[@]} -gt 0 ]; then
     $sudo apt-get update -qq
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${packages[@]}" >/dev/null
 fi
-if ! .venv/bin/podman-compose --version >/dev/null 2>&1; then
-    .venv/bin/pip install -q --disable-pip-version-check -r tests/compose/requirements.txt
-fi
+# The lock (make lock) pins podman-compose's whole closure with hashes, at the versions of
+# .venv's own lock; pip contacts no index when it is already installed. No conflict report:
+# the only conflicts are docker-compose's, installed without its dependencies for a data file.
+.venv/bin/pip install -q --disable-pip-version-check --no-warn-conflicts --require-hashes \
+    -r tests/compose/requirements.txt
 echo "compose bootstrap: ready ($(podman --version), $(.venv/bin/podman-compose --version 2>/dev/null | tail -1))"
