@@ -455,6 +455,9 @@ def run_resume(stack, settings):
     return results
 
 
+ROLLOUT_HEALTHY_SECONDS = 30  # a restarted replica that is not healthy by then halts the rollout
+
+
 class Replicas:
     """REPLICAS instances of one app that the bench runs and restarts itself, behind an nginx of
     its own. The stack's runner (scripts/stack.py) treats an app that exits as a failure and
@@ -522,10 +525,10 @@ class Replicas:
             step["stopped_at"] = time.monotonic()
             self.start(replica)
             try:
-                self.wait_healthy(replica)
+                self.wait_healthy(replica, timeout=ROLLOUT_HEALTHY_SECONDS)
             except (OSError, RuntimeError, ValueError) as exc:
                 # As a rolling update would, the rollout stops here; the run reports it.
-                step.update(healthy_at=None, error=f"not healthy within 60 s: {exc}")
+                step.update(healthy_at=None, error=f"not healthy within {ROLLOUT_HEALTHY_SECONDS} s: {exc}")
                 progress(f"reconnect: {self.app} replica {replica} {step['error']}")
                 break
             step["healthy_at"] = time.monotonic()
