@@ -161,7 +161,10 @@ class Stack:
                    **{name: str(free_port()) for name in stack_runner.INTERNAL_PORT_SETTINGS})
         self.stack_env = env
         log = open(self.run_dir / "stack.log", "w")
-        stack = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=env, stdout=subprocess.PIPE,
+        # Run from scripts/ as `stack.py`, not by its path: on a shared machine a developer's
+        # `pkill -f scripts/stack.py` (restarting their own make run) must not stop a benchmark
+        # midway, as it did three times while this workload was written.
+        stack = subprocess.Popen([sys.executable, "stack.py"], cwd=REPO / "scripts", env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         self.processes.append(stack)
         # `with` calls __exit__ only once __enter__ returned: a failure from here on (the
@@ -238,14 +241,19 @@ class Stack:
         return groups
 
     def __exit__(self, *exc):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGQUIT if process.args[0] == "nginx" else signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes, 60)
+
+
+def stop_processes(processes, timeout):
+    """Stop them, the last started first (nginx gracefully: SIGQUIT), then wait for each."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT if process.args[0] == "nginx" else signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _same_group(parent, cmdline):
@@ -559,16 +567,10 @@ class Replicas:
         return self
 
     def __exit__(self, *exc):
-        for process in reversed(self.others):  # nginx, then dnsmasq
-            process.send_signal(signal.SIGQUIT if process.args[0] == "nginx" else signal.SIGTERM)
+        stop_processes(self.others, 30)  # nginx, then dnsmasq
         for replica in list(self.masters):
             if self.masters[replica].poll() is None:
                 self.stop(replica)
-        for process in self.others:
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                process.kill()
 
 
 def stream_ids(stack, room):

@@ -198,10 +198,15 @@ def _echo_plots(results, out):
             axis.plot([str(p) for p, _ in points], [v for _, v in points], marker="o", label=row["target"])
     axis.set(title=f"latency distribution, {connections} connections x {size} B", xlabel="percentile",
              ylabel="latency (us)", yscale="log")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    _save(figure, [axis], out / "latency.png")
+
+
+def _save(figure, legend_axes, path):
+    for axis in legend_axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(out / "latency.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
 
@@ -213,11 +218,7 @@ def _memory_plot(results, out):
                   [results["idle"]["processes"][group]["rss_bytes_before"] / MIB] +
                   [s["rss_bytes"][group] / MIB for s in steps], marker="o", label=group)
     axis.set(title="resident memory vs idle connections", xlabel="connections", ylabel="RSS (MiB)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "memory.png", dpi=100)
-    plt.close(figure)
+    _save(figure, [axis], out / "memory.png")
 
 
 def _resume_plot(results, out):
@@ -227,11 +228,7 @@ def _resume_plot(results, out):
     any_row = next(iter(results["resume"].values()))
     axis.set(title=f"app RSS while {any_row['clients']} clients resume {any_row['messages_expected']} messages each",
              xlabel="seconds (the clients connect at 0.5 s)", ylabel="RSS of the app's processes (MiB)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "resume.png", dpi=100)
-    plt.close(figure)
+    _save(figure, [axis], out / "resume.png")
 
 
 def _reconnect_plot(results, out):
@@ -249,8 +246,4 @@ def _reconnect_plot(results, out):
                 axis.axvline(step["stop_sent_at"], color=line.get_color(), linestyle=":", alpha=0.7)
         axis.set(title=f"{app}: reconnect wave of {row['clients']} clients, rolling restart of {row['replicas']} replicas",
                  xlabel="seconds (dotted: a replica is stopped)", ylabel="handshakes/s (100 ms bins)")
-        axis.grid(alpha=0.3)
-        axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "reconnect.png", dpi=100)
-    plt.close(figure)
+    _save(figure, axes[:, 0], out / "reconnect.png")
