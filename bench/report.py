@@ -147,7 +147,9 @@ def _reconnect(results):
                               f"{_number(w['first_1001_to_all_resumed_s'])}" for w in row["waves"])
             lines.append(f"| {app} | {window} | {row['closes_1001']} | {row['peak_handshakes_per_second']} | "
                          f"{_number(row['first_1001_to_all_resumed_s'])} | {waves} | {row['resumes']} | "
-                         f"{row['not_recovered']} | {row['failed_attempts']} | {row['not_resumed']} | {row['lost']} | "
+                         f"{row['not_recovered']} | {row['failed_attempts']} | {row['not_resumed']}"
+                         f"{' (' + str(row['never_connected']) + ' never connected)' if row['never_connected'] else ''} | "
+                         f"{row['lost']} | "
                          f"{row['duplicated']} | {others or '-'} |")
             for step in row["timeline"]:
                 if step.get("error"):
