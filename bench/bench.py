@@ -13,6 +13,13 @@ rendered from the same template, then runs, with a progress line per measurement
   fanout      one sender, FANOUT subscribers of one chat room split across both backends:
               delivery latency p50/p99
   handshakes  open+close through nginx, per backend: handshakes/s
+  resume      per app: a room filled with CHAT_STREAM_MAXLEN messages, RESUME clients resume
+              it at once with last_id=0-0: the app's RSS (peak during vs before), the time to
+              the last history_end
+  reconnect   per app and per CHAT_RECONNECT_WINDOW_MS in RECONNECT_WINDOWS: RECONNECT chat
+              clients of one room on two replicas of the app the bench runs itself, a
+              rolling restart of them while a sender on the other app publishes: handshakes
+              per 100 ms, time from the first 1001 to all resumed, messages lost/duplicated
 
 Results: OUT/results.json (with versions, CPU count, settings), OUT/results.md, and PNG plots.
 `--quick` runs a small version of everything (make test uses it: no timing assertions).
@@ -25,12 +32,14 @@ import json
 import os
 import platform
 import re
+import secrets
 import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,10 +48,14 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path[:0] = [str(HERE), str(REPO / "common"), str(REPO / "scripts")]
 
+import jwt  # noqa: E402  (PyJWT, as the apps)
 import loadgen  # noqa: E402
+import localdns  # noqa: E402  (scripts/localdns.py: make run's service-name DNS)
 import procstats  # noqa: E402
+import redis  # noqa: E402
 import report  # noqa: E402
 import stack as stack_runner  # noqa: E402  (scripts/stack.py: make run's runner)
+from wsstack import chat_store, probe  # noqa: E402  (the same settings the apps read)
 
 # Lifted for the benchmark only: the defaults would (rightly) refuse its load.
 STACK_SETTINGS = {
@@ -55,12 +68,26 @@ STACK_SETTINGS = {
     "NGINX_AUTH_REQUEST_BURST": "100000",
     "LOCAL_REPLICAS": "1",
 }
+# Chat tokens are minted here with PyJWT under a CHAT_TOKEN_SECRET the bench gives its stack
+# (random per run, never written to the results), rather than asked of the demo issuer: a
+# few thousand POST /auth/token would load uwsgi-app, the very app being measured, with
+# requests no chat client makes per message, while a signature costs microseconds here; and
+# what every handshake exercises, the verification, is the same for both. A deployment
+# replaces the demo issuer anyway (wsstack.token_issuer).
+TOKEN_SECRET = secrets.token_urlsafe(48)
+TOKEN_TTL = 3 * 3600  # outlives any run: a token expiring meanwhile would close its client (4001)
 FULL = {"rounds": 3, "connections": [1, 50, 200], "sizes": [32, 8192, 102400], "warmup": 0.5, "duration": 2.0,
         "idle": 10000, "idle_seconds": 60, "fanout": 1000, "fanout_messages": 20, "handshake_seconds": 3,
-        "handshake_concurrency": 20, "processes": 2}
+        "handshake_concurrency": 20, "processes": 2, "resume": 100, "resume_text_bytes": 4000,
+        "reconnect": 1000, "reconnect_members": 1000, "reconnect_windows": [5000, 0], "reconnect_replicas": 2, "reconnect_interval": 0.1,
+        "reconnect_apps": ["uwsgi-app", "flask-app"]}
 QUICK = {"rounds": 1, "connections": [1, 50], "sizes": [32], "warmup": 0.3, "duration": 0.7,
          "idle": 200, "idle_seconds": 2, "fanout": 40, "fanout_messages": 5, "handshake_seconds": 1,
-         "handshake_concurrency": 5, "processes": 2}
+         "handshake_concurrency": 5, "processes": 2, "resume": 10, "resume_text_bytes": 4000,
+         "reconnect": 20, "reconnect_members": 20, "reconnect_windows": [1000, 0], "reconnect_replicas": 2, "reconnect_interval": 0.1,
+         # one app: each run restarts two replicas (about 18 s), the full run covers both apps
+         "reconnect_apps": ["uwsgi-app"]}
+WORKLOADS = ("idle", "echo", "fanout", "handshakes", "resume", "reconnect")
 KEY_CELL = (50, 32)  # connections, bytes: the cell P1-P3 compare
 
 
@@ -76,6 +103,39 @@ def progress(text):
     print(f"bench: {text}", flush=True)
 
 
+def mint_token(subject, name):
+    """A chat token as the demo issuer makes them (wsstack.auth.Verifier.issue)."""
+    now = int(time.time())
+    return jwt.encode({"sub": subject, "name": name, "iat": now, "exp": now + TOKEN_TTL}, TOKEN_SECRET,
+                      algorithm="HS256")
+
+
+def nginx_env(stack_env, port, uwsgi_upstream, flask_upstream, resolver):
+    """The environment that renders an nginx of the bench's own from the project's template:
+    the stack's limits (lifted), its own ports, the given upstreams."""
+    env = {k: v for k, v in stack_env.items() if not k.startswith("NGINX_")}
+    env.update({k: v for k, v in stack_env.items() if k.startswith(("NGINX_WS_", "NGINX_AUTH_"))})
+    run_dir = Path(stack_env["LOCAL_RUN_DIR"])
+    env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(port),
+               NGINX_STATUS_PORT=str(free_port()),
+               NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=uwsgi_upstream,
+               NGINX_FLASK_APP_UPSTREAM=flask_upstream, NGINX_RESOLVER=resolver,
+               NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),
+               # TLS is not measured; the template needs a certificate: the one the stack made.
+               NGINX_TLS_PORT=str(free_port()),
+               NGINX_HTTPS_REDIRECT="off", NGINX_HSTS_MAX_AGE="0",
+               NGINX_TLS_CERTIFICATE=str(run_dir / "tls" / "server.crt"),
+               NGINX_TLS_CERTIFICATE_KEY=str(run_dir / "tls" / "server.key"))
+    return env
+
+
+def start_nginx(env, run_dir, name):
+    """nginx with make run's prefix layout and template rendering; returns the process."""
+    prefix = stack_runner.prepare_nginx(env, run_dir / name)
+    return subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
+                            stdout=subprocess.DEVNULL, stderr=open(run_dir / f"{name}-nginx.log", "w"))
+
+
 class Stack:
     """The local stack, a reference server and a reference nginx; stopped on exit."""
 
@@ -85,12 +145,12 @@ class Stack:
 
     def __enter__(self):
         self.ports = {name: free_port() for name in ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", "reference",
-                                                      "reference_nginx", "reference_nginx_tls")}
+                                                      "reference_nginx")}
         per_app = self.settings["idle"] // 2
         # Room for every idle connection on one worker (uWSGI does not balance accepts evenly),
         # and the cap must stay below the gevent cores (wsstack.capacity).
         cores = max(1000, per_app + 200)
-        env = dict(os.environ, **STACK_SETTINGS, NGINX_PORT=str(self.ports["nginx"]),
+        env = dict(os.environ, **STACK_SETTINGS, CHAT_TOKEN_SECRET=TOKEN_SECRET, NGINX_PORT=str(self.ports["nginx"]),
                    NGINX_TLS_PORT=str(self.ports["nginx_tls"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
                    LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]),
@@ -101,7 +161,10 @@ class Stack:
                    **{name: str(free_port()) for name in stack_runner.INTERNAL_PORT_SETTINGS})
         self.stack_env = env
         log = open(self.run_dir / "stack.log", "w")
-        stack = subprocess.Popen([sys.executable, str(REPO / "scripts" / "stack.py")], env=env, stdout=subprocess.PIPE,
+        # Run from scripts/ as `stack.py`, not by its path: on a shared machine a developer's
+        # `pkill -f scripts/stack.py` (restarting their own make run) must not stop a benchmark
+        # midway, as it did three times while this workload was written.
+        stack = subprocess.Popen([sys.executable, "stack.py"], cwd=REPO / "scripts", env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         self.processes.append(stack)
         # `with` calls __exit__ only once __enter__ returned: a failure from here on (the
@@ -115,8 +178,6 @@ class Stack:
             else:
                 raise SystemExit(f"bench: the stack did not start; see {self.run_dir / 'stack.log'}")
             # Keep draining its output so it never blocks on a full pipe.
-            import threading
-
             threading.Thread(target=lambda: [log.write(line) for line in stack.stdout], daemon=True).start()
             self._start_reference()
         except BaseException:
@@ -130,23 +191,9 @@ class Stack:
         self.processes.append(reference)
         reference.stdout.readline()  # "listening": it is ready
         upstream = f"127.0.0.1:{self.ports['reference']}"
-        env = {k: v for k, v in self.stack_env.items() if not k.startswith("NGINX_")}
-        env.update({k: v for k, v in self.stack_env.items() if k.startswith("NGINX_WS_")})
-        env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(self.ports["reference_nginx"]),
-                   NGINX_STATUS_PORT=str(free_port()),
-                   NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=upstream,
-                   NGINX_FLASK_APP_UPSTREAM=upstream, NGINX_RESOLVER=f"127.0.0.1:{self.ports['dns']}",
-                   NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),
-                   # TLS is not measured; the template needs a certificate: the one the stack made.
-                   NGINX_TLS_PORT=str(self.ports["reference_nginx_tls"]),
-                   NGINX_HTTPS_REDIRECT="off", NGINX_HSTS_MAX_AGE="0",
-                   NGINX_TLS_CERTIFICATE=str(self.run_dir / "stack" / "tls" / "server.crt"),
-                   NGINX_TLS_CERTIFICATE_KEY=str(self.run_dir / "stack" / "tls" / "server.key"))
-        # The same prefix layout and template rendering as make run's nginx.
-        prefix = stack_runner.prepare_nginx(env, self.run_dir / "reference")
-        nginx = subprocess.Popen(["nginx", "-e", "stderr", "-p", f"{prefix}/", "-c", str(prefix / "nginx.conf")],
-                                 stdout=subprocess.DEVNULL, stderr=open(self.run_dir / "reference-nginx.log", "w"))
-        self.processes.append(nginx)
+        env = nginx_env(self.stack_env, self.ports["reference_nginx"], upstream, upstream,
+                        f"127.0.0.1:{self.ports['dns']}")
+        self.processes.append(start_nginx(env, self.run_dir, "reference"))
         asyncio.run(wait_for_echo(f"ws://127.0.0.1:{self.ports['reference_nginx']}/uwsgi/ws/echo"))
 
     def ping_interval(self):
@@ -194,14 +241,19 @@ class Stack:
         return groups
 
     def __exit__(self, *exc):
-        for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGQUIT if process.args[0] == "nginx" else signal.SIGTERM)
-        for process in self.processes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
+        stop_processes(self.processes, 60)
+
+
+def stop_processes(processes, timeout):
+    """Stop them, the last started first (nginx gracefully: SIGQUIT), then wait for each."""
+    for process in reversed(processes):
+        if process.poll() is None:
+            process.send_signal(signal.SIGQUIT if process.args[0] == "nginx" else signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 def _same_group(parent, cmdline):
@@ -295,12 +347,23 @@ def run_idle(stack, settings):
             "processes": per_group, "steps": steps}
 
 
+def chat_url(port, backend, room):
+    return f"ws://127.0.0.1:{port}/{backend}/ws/chat?room={room}"
+
+
+def new_room(kind):
+    return f"bench-{kind}-{secrets.token_hex(4)}"
+
+
 def run_fanout(stack, settings):
-    p = stack.ports
-    room = f"bench-{int(time.time())}"
-    url = "ws://127.0.0.1:{}/{}/ws/chat?room={}&user={}"
-    subscribers = [url.format(p["nginx"], backend, room, f"sub-{backend}") for backend in ("uwsgi", "flask")]
-    result = asyncio.run(loadgen.fanout(url.format(p["nginx"], "uwsgi", room, "sender"), subscribers,
+    room = new_room("fanout")
+    backends = ("uwsgi", "flask")
+    subscribers = [chat_url(stack.ports["nginx"], backend, room) for backend in backends]
+    # Two members, as many tabs each as there are subscribers on its backend (presence counts a
+    # member once): the fan-out of messages is measured, not a join storm of 1000 members.
+    tokens = [mint_token(f"bench-sub-{backend}", f"sub-{backend}") for backend in backends]
+    result = asyncio.run(loadgen.fanout(chat_url(stack.ports["nginx"], "uwsgi", room),
+                                        mint_token("bench-sender", "sender"), subscribers, tokens,
                                         settings["fanout"], settings["fanout_messages"], 0.2))
     progress(f"fanout: {result['deliveries']}/{result['expected']} deliveries, p99 {result['p99_us']} us")
     return {"subscribers": settings["fanout"], "messages": settings["fanout_messages"], **result}
@@ -312,6 +375,236 @@ def run_handshakes(stack, settings):
         results[target] = asyncio.run(loadgen.handshakes(stack.targets()[target], settings["handshake_concurrency"],
                                                          settings["handshake_seconds"]))
         progress(f"handshakes: {target}: {results[target]['handshakes_per_second']:.0f}/s")
+    return results
+
+
+BACKENDS = {"uwsgi-app": "uwsgi", "flask-app": "flask"}  # app -> its nginx location
+OTHER = {"uwsgi-app": "flask-app", "flask-app": "uwsgi-app"}
+
+
+class RssSampler:
+    """Samples the resident memory of process trees in a thread (every 10 ms) while the event
+    loop runs the clients: the peak of a short burst, and the curve for the plot."""
+
+    def __init__(self, roots):
+        self.roots, self.samples = roots, []
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def total(self):
+        return procstats.totals(procstats.snapshot({"app": self.roots}))["app"][1]
+
+    def _run(self):
+        started = time.monotonic()
+        while not self.done.wait(0.01):
+            self.samples.append((time.monotonic() - started, self.total()))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.done.set()
+        self.thread.join()
+
+
+FILL_BATCH = 100
+
+
+def fill_room(port, backend, room, count, text_bytes):
+    """`count` messages of about `text_bytes` each, published through the chat itself."""
+    async def fill():
+        run = loadgen.ChatRun()
+        sender = loadgen.ChatClient(run, chat_url(port, backend, room), mint_token("bench-filler", "filler"))
+        task = asyncio.ensure_future(sender.live())
+        try:
+            if not await loadgen.wait_until(sender.ready.is_set, 30):
+                raise RuntimeError("the filler never got its history")
+            # In batches, each echoed back before the next: a burst of more than
+            # CHAT_SEND_BACKLOG would get the sender closed as a slow consumer (1013), since
+            # the server reads all it can before it sends (the bench lifts the rate limit
+            # that would otherwise cap such a burst).
+            for start in range(0, count, FILL_BATCH):
+                for number in range(start, min(count, start + FILL_BATCH)):
+                    sender.send(f"{number:06d} " + "x" * (text_bytes - 7))
+                done = min(count, start + FILL_BATCH)
+                if not await loadgen.wait_until(lambda: len(sender.ids) >= done, 30):
+                    raise RuntimeError(f"only {len(sender.ids)} of {done} messages came back; closes {sender.closes}")
+        finally:
+            loadgen.stop_clients(run, [sender])
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    asyncio.run(fill())
+
+
+def run_resume(stack, settings):
+    """Per app: a room full (CHAT_STREAM_MAXLEN messages), then RESUME clients resume it at once
+    from its start (last_id=0-0), each sent CHAT_RESUME_MAX messages a page at a time."""
+    results = {}
+    groups = stack.process_groups()
+    expected = min(chat_store.RESUME_MAX, chat_store.STREAM_MAXLEN)
+    for app, backend in BACKENDS.items():
+        room = new_room("resume")
+        fill_room(stack.ports["nginx"], backend, room, chat_store.STREAM_MAXLEN, settings["resume_text_bytes"])
+        tokens = [mint_token(f"bench-resume-{i}", f"resume-{i}") for i in range(settings["resume"])]
+        with RssSampler(groups[app]) as sampler:
+            time.sleep(0.5)  # a baseline before the burst
+            before = sampler.total()
+            result = asyncio.run(loadgen.resume(chat_url(stack.ports["nginx"], backend, room), tokens, expected))
+            time.sleep(0.5)
+        peak = max(rss for _t, rss in sampler.samples)
+        result.update(rss_bytes_before=before, rss_bytes_peak=peak, rss_bytes_after=sampler.samples[-1][1],
+                      text_bytes=settings["resume_text_bytes"], stream_maxlen=chat_store.STREAM_MAXLEN,
+                      rss_curve=[(round(t, 2), rss) for t, rss in sampler.samples[::5]])
+        results[app] = result
+        progress(f"resume: {app}: {result['clients']} clients x {result['messages_min']}-{result['messages_max']} "
+                 f"messages in {result['seconds_to_all_history_end']} s; RSS {before / 2**20:.1f} -> peak "
+                 f"{peak / 2**20:.1f} MiB")
+    return results
+
+
+ROLLOUT_HEALTHY_SECONDS = 30  # a restarted replica that is not healthy by then halts the rollout
+
+
+class Replicas:
+    """REPLICAS instances of one app that the bench runs and restarts itself, behind an nginx of
+    its own. The stack's runner (scripts/stack.py) treats an app that exits as a failure and
+    stops everything, so a restart needs instances outside it: started as it starts its apps
+    (the app's uwsgi.ini, the stack's settings, Redis and token secret), replica r on
+    127.0.0.r:PORT under the app's service name, which a dnsmasq of our own answers for the
+    nginx (rendered from the project's template) as make run's does. The other app's location
+    goes to the stack's instance of it."""
+
+    def __init__(self, stack, app, count, window_ms):
+        self.stack, self.app, self.count, self.window_ms = stack, app, count, window_ms
+        self.dir = stack.run_dir / f"replicas-{app}"
+        self.dir.mkdir(exist_ok=True)
+        self.port, self.nginx_port, self.dns_port = free_port(), free_port(), free_port()
+        self.hosts = [f"127.0.0.{r}" for r in range(1, count + 1)]
+        self.masters = {}
+        self.others = []
+
+    def env(self, host):
+        env = {k: v for k, v in self.stack.stack_env.items() if not k.startswith(("LOCAL_", "NGINX_"))}
+        env.update(REDIS_URL=f"redis://127.0.0.1:{self.stack.ports['redis']}/0",
+                   UWSGI_WEBSOCKETS_PING_FREQ=str(self.stack.ping_interval()),
+                   UWSGI_HTTP_SOCKET=f"{host}:{self.port}", METRICS_HTTP_SOCKET=f"{host}:{free_port()}",
+                   UWSGI_STATS=f"{host}:{free_port()}", CHAT_RECONNECT_WINDOW_MS=str(self.window_ms))
+        return env
+
+    def start(self, replica):
+        host = self.hosts[replica - 1]
+        log = open(self.dir / f"{self.app}-{replica}.log", "a")
+        self.masters[replica] = subprocess.Popen(
+            [str(Path(sys.executable).parent / "uwsgi"), "--ini", str(REPO / self.app / "uwsgi.ini")],
+            env=self.env(host), cwd=REPO, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            start_new_session=True)
+
+    def wait_healthy(self, replica, timeout=60):
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.masters[replica].poll() is not None:
+                raise RuntimeError(f"{self.app} replica {replica} exited; see {self.dir}")
+            try:
+                probe.probe(f"http://{self.hosts[replica - 1]}:{self.port}")
+                return
+            except (OSError, RuntimeError, ValueError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stop(self, replica, timeout=60):
+        master = self.masters[replica]
+        master.send_signal(signal.SIGTERM)  # graceful: uWSGI's master closes every WebSocket with 1001
+        try:
+            master.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(master.pid, signal.SIGKILL)
+            master.wait()
+
+    def rolling_restart(self):
+        """Each replica in turn: stopped, started again, healthy before the next one stops (a
+        Kubernetes rolling update with maxUnavailable 1 and no surge). Returns the timeline."""
+        timeline = []
+        for replica in range(1, self.count + 1):
+            step = {"replica": replica, "stop_sent_at": time.monotonic()}
+            timeline.append(step)
+            self.stop(replica)
+            step["stopped_at"] = time.monotonic()
+            self.start(replica)
+            try:
+                self.wait_healthy(replica, timeout=ROLLOUT_HEALTHY_SECONDS)
+            except (OSError, RuntimeError, ValueError) as exc:
+                # As a rolling update would, the rollout stops here; the run reports it.
+                step.update(healthy_at=None, error=f"not healthy within {ROLLOUT_HEALTHY_SECONDS} s: {exc}")
+                progress(f"reconnect: {self.app} replica {replica} {step['error']}")
+                break
+            step["healthy_at"] = time.monotonic()
+        return timeline
+
+    def url(self, room):
+        return chat_url(self.nginx_port, BACKENDS[self.app], room)
+
+    def __enter__(self):
+        hosts_file = self.dir / "dns-hosts"
+        localdns.write_hosts(hosts_file, {self.app: self.hosts})
+        self.others.append(subprocess.Popen(localdns.dnsmasq_argv(hosts_file, self.dns_port, 5),
+                                            stdout=subprocess.DEVNULL, stderr=open(self.dir / "dns.log", "w")))
+        try:
+            for replica in range(1, self.count + 1):
+                self.start(replica)
+            for replica in range(1, self.count + 1):
+                self.wait_healthy(replica)
+            upstreams = {app: f"127.0.0.1:{self.stack.ports[BACKENDS[app]]}" for app in BACKENDS}
+            upstreams[self.app] = f"{self.app}:{self.port}"
+            env = nginx_env(self.stack.stack_env, self.nginx_port, upstreams["uwsgi-app"], upstreams["flask-app"],
+                            f"127.0.0.1:{self.dns_port}")
+            self.others.append(start_nginx(env, self.dir, "replicas"))
+            asyncio.run(wait_for_echo(f"ws://127.0.0.1:{self.nginx_port}/{BACKENDS[self.app]}/ws/echo"))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        stop_processes(self.others, 30)  # nginx, then dnsmasq
+        for replica in list(self.masters):
+            if self.masters[replica].poll() is None:
+                self.stop(replica)
+
+
+def stream_ids(stack, room):
+    client = redis.Redis(port=stack.ports["redis"])
+    try:
+        return [entry_id.decode() for entry_id, _fields in client.xrange(chat_store.messages_key(room))]
+    finally:
+        client.close()
+
+
+def run_reconnect(stack, settings):
+    """Per app, per reconnect window: RECONNECT clients of one room on the app's replicas, a
+    sender on the other app (the stack's), and a rolling restart of the replicas."""
+    results = {}
+    for app in settings["reconnect_apps"]:
+        results[app] = {}
+        for window in settings["reconnect_windows"]:
+            room = new_room("reconnect")
+            # Member i % RECONNECT_MEMBERS: with as many members as clients, each is a user of its own
+            # (a leave and a join per client and restart, each sent to every client).
+            tokens = [mint_token(f"bench-reconnect-{i % settings['reconnect_members']}", f"client-{i}")
+                      for i in range(settings["reconnect"])]
+            with Replicas(stack, app, settings["reconnect_replicas"], window) as replicas:
+                outcome = asyncio.run(loadgen.reconnect(
+                    replicas.url(room), tokens, chat_url(stack.ports["nginx"], BACKENDS[OTHER[app]], room),
+                    mint_token("bench-reconnect-sender", "sender"), replicas.rolling_restart, prefill=20,
+                    interval=settings["reconnect_interval"]))
+            result = loadgen.reconnect_summary(outcome, stream_ids(stack, room))
+            result["window_ms"], result["replicas"] = window, settings["reconnect_replicas"]
+            results[app][str(window)] = result
+            progress(f"reconnect: {app}, window {window} ms: {result['closes_1001']} closes 1001, peak "
+                     f"{result['peak_handshakes_per_second']} handshakes/s, all resumed in "
+                     f"{result['first_1001_to_all_resumed_s']} s; lost {result['lost']}, duplicated "
+                     f"{result['duplicated']}, recovered=false {result['not_recovered']}")
     return results
 
 
@@ -333,6 +626,11 @@ def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a small run of every workload (seconds, not minutes)")
     parser.add_argument("--out", type=Path, help="results directory (default .run/bench/<time>)")
+    parser.add_argument("--keep-logs", action="store_true",
+                        help="keep the servers' logs (OUT/bench-*/), removed after a successful run otherwise")
+    parser.add_argument("--only", nargs="+", choices=WORKLOADS, metavar="WORKLOAD",
+                        help=f"run only these workloads ({', '.join(WORKLOADS)}; default all); the targets "
+                             "of the others read n/a")
     for name, default in FULL.items():
         kind = type(default[0]) if isinstance(default, list) else type(default)
         parser.add_argument(f"--{name.replace('_', '-')}", type=kind, nargs="+" if isinstance(default, list) else None,
@@ -343,6 +641,9 @@ def parse_args(argv):
         value = getattr(args, name)
         if value is not None:
             settings[name] = value
+    unknown = set(settings["reconnect_apps"]) - set(BACKENDS)
+    if unknown:
+        parser.error(f"--reconnect-apps: {', '.join(sorted(unknown))}: choose from {', '.join(BACKENDS)}")
     if settings["idle"] > 16000:
         parser.error("--idle above 16000 would exceed the 20000 open files of one process")
     return args, settings
@@ -362,18 +663,24 @@ def main(argv=None):
         results = {
             "mode": "quick" if args.quick else "full", "settings": settings, "stack_settings": STACK_SETTINGS,
             "versions": versions(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            # Idle first, on fresh workers: after the echo workloads, idle connections would
-            # partly reuse the heap those freed, and memory per connection would read low.
-            "idle": run_idle(stack, settings), "echo": run_echo(stack, settings),
-            "fanout": run_fanout(stack, settings), "handshakes": run_handshakes(stack, settings),
+            "workloads": list(args.only or WORKLOADS),
         }
+        # In WORKLOADS' order: idle first, on fresh workers (after the echo workloads, idle
+        # connections would partly reuse the heap those freed, and memory per connection would
+        # read low); reconnect last, as it starts and stops app instances of its own.
+        runners = {"idle": run_idle, "echo": run_echo, "fanout": run_fanout, "handshakes": run_handshakes,
+                   "resume": run_resume, "reconnect": run_reconnect}
+        for name in WORKLOADS:
+            if name in results["workloads"]:
+                results[name] = runners[name](stack, settings)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["targets"] = report.targets(results, KEY_CELL)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = report.markdown(results)
     (out / "results.md").write_text(markdown)
     report.plots(results, out)
-    shutil.rmtree(run_dir, ignore_errors=True)
+    if not args.keep_logs:
+        shutil.rmtree(run_dir, ignore_errors=True)
     print(markdown)
     progress(f"results in {out}")
 

@@ -9,7 +9,7 @@ MIB = 1024 * 1024
 
 def echo_rate(results, target, cell):
     connections, size = cell
-    for row in results["echo"]:
+    for row in results.get("echo", []):
         if (row["target"], row["connections"], row["size"]) == (target, connections, size):
             return row["messages_per_second"]
     return None
@@ -23,10 +23,16 @@ def targets(results, cell):
     """[{id, what, measured, target, met}] for the targets P1-P5 (docs/benchmark.md)."""
     rate = lambda target: echo_rate(results, target, cell)  # noqa: E731
     where = f"{cell[0]} connections x {cell[1]} B"
-    processes = results["idle"]["processes"]
-    app_cpu = sum(processes[app]["cpu_percent_of_one_core"] for app in ("uwsgi-app", "flask-app"))
-    worst_kib = max(processes[app]["kib_per_connection"] for app in ("uwsgi-app", "flask-app"))
-    fanout_p99 = results["fanout"]["p99_us"]
+    idle = results.get("idle")  # a workload left out (--only) leaves its targets n/a
+    app_cpu = worst_kib = fanout_p99 = None
+    if idle:
+        processes = idle["processes"]
+        app_cpu = sum(processes[app]["cpu_percent_of_one_core"] for app in ("uwsgi-app", "flask-app"))
+        worst_kib = max(processes[app]["kib_per_connection"] for app in ("uwsgi-app", "flask-app"))
+    if results.get("fanout"):
+        fanout_p99 = results["fanout"]["p99_us"]
+    runs = [run for windows in results.get("reconnect", {}).values() for run in windows.values()]
+    wrong = sum(run["lost"] + run["duplicated"] for run in runs) if runs else None
     rows = [
         ("P1", f"nginx overhead: uwsgi-app via nginx / direct, {where}",
          ratio(rate("uwsgi-app via nginx"), rate("uwsgi-app direct")), ">= 0.60", lambda v: v >= 0.60),
@@ -34,12 +40,14 @@ def targets(results, cell):
          ratio(rate("flask-app via nginx"), rate("uwsgi-app via nginx")), ">= 0.80", lambda v: v >= 0.80),
         ("P3", f"uwsgi-app / reference server, both via nginx, {where}",
          ratio(rate("uwsgi-app via nginx"), rate("reference via nginx")), ">= 0.90", lambda v: v >= 0.90),
-        ("P4a", f"{results['idle']['connections']} idle connections: CPU of both apps, % of one core",
+        ("P4a", f"{idle['connections'] if idle else 'n/a'} idle connections: CPU of both apps, % of one core",
          app_cpu, "< 1", lambda v: v < 1),
         ("P4b", "idle: memory per connection, worst app, KiB", worst_kib, "<= 20", lambda v: v <= 20),
-        ("P4c", "idle: connections dropped", results["idle"]["dropped"], "0", lambda v: v == 0),
-        ("P5", f"chat fan-out to {results['fanout']['subscribers']} subscribers: p99 delivery, ms",
-         None if fanout_p99 is None else fanout_p99 / 1000, "< 100", lambda v: v < 100),
+        ("P4c", "idle: connections dropped", idle["dropped"] if idle else None, "0", lambda v: v == 0),
+        ("P5", f"chat fan-out to {results['fanout']['subscribers'] if results.get('fanout') else 'n/a'} "
+         "subscribers: p99 delivery, ms", None if fanout_p99 is None else fanout_p99 / 1000, "< 100", lambda v: v < 100),
+        ("P6", f"chat across a rolling restart ({runs[0]['clients'] if runs else 'n/a'} clients, both apps, every "
+         "reconnect window): messages lost + duplicated", wrong, "0", lambda v: v == 0),
     ]
     return [{"id": pid, "what": what, "measured": measured, "target": target,
              "met": None if measured is None else bool(check(measured))}
@@ -60,34 +68,115 @@ def markdown(results):
     for row in results["targets"]:
         met = "n/a" if row["met"] is None else ("yes" if row["met"] else "**no**")
         lines.append(f"| {row['id']} | {row['what']} | {_number(row['measured'], 3)} | {row['target']} | {met} |")
-    lines += ["", "## Echo (closed loop)", "",
+    for name, section in (("echo", _echo), ("idle", _idle), ("fanout", _fanout), ("handshakes", _handshakes),
+                          ("resume", _resume), ("reconnect", _reconnect)):
+        if results.get(name):
+            lines += section(results)
+    return "\n".join(lines) + "\n"
+
+
+def _echo(results):
+    lines = ["", "## Echo (closed loop)", "",
               "| Target | Connections | Size (B) | msg/s median | min-max | p50 us | p99 us | p99.9 us | dropped |",
               "|---|---|---|---|---|---|---|---|---|"]
     for row in sorted(results["echo"], key=lambda r: (r["size"], r["connections"], r["target"])):
         lines.append(f"| {row['target']} | {row['connections']} | {row['size']} | {row['messages_per_second']:.0f} | "
                      f"{row['min']:.0f}-{row['max']:.0f} | {row['p50_us']} | {row['p99_us']} | {row['p999_us']} | "
                      f"{row['dropped']} |")
+    return lines
+
+
+def _idle(results):
     idle = results["idle"]
     pings = f", CPU over {idle['seconds'] // idle['ping_interval']} ping interval(s) of {idle['ping_interval']} s" \
         if idle["seconds"] >= idle["ping_interval"] else ""
-    lines += ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
+    lines = ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
               "| Processes | CPU % of one core | RSS before (MiB) | RSS held (MiB) | KiB per connection |",
               "|---|---|---|---|---|"]
     for group, row in idle["processes"].items():
         lines.append(f"| {group} | {row['cpu_percent_of_one_core']:.2f} | {row['rss_bytes_before'] / MIB:.1f} | "
                      f"{row['rss_bytes_held'] / MIB:.1f} | {row['kib_per_connection']:.1f} |")
+    return lines
+
+
+def _fanout(results):
     fan = results["fanout"]
-    lines += ["", f"## Chat fan-out: {fan['subscribers']} subscribers, {fan['messages']} messages", "",
-              f"{fan['subscribers_ready']} subscribers had their history in time; "
-              f"delivered {fan['deliveries']} of {fan['expected']}; p50 {fan['p50_us']} us, p99 {fan['p99_us']} us, "
-              f"p99.9 {fan['p999_us']} us; dropped {fan['dropped']}.", "", "## Handshakes through nginx", ""]
+    return ["", f"## Chat fan-out: {fan['subscribers']} subscribers, {fan['messages']} messages", "",
+            f"{fan['subscribers_ready']} subscribers had their history in time; "
+            f"delivered {fan['deliveries']} of {fan['expected']}; p50 {fan['p50_us']} us, p99 {fan['p99_us']} us, "
+            f"p99.9 {fan['p999_us']} us; dropped {fan['dropped']}."]
+
+
+def _handshakes(results):
+    lines = ["", "## Handshakes through nginx", ""]
     for target, row in results["handshakes"].items():
         lines.append(f"- {target}: {row['handshakes_per_second']:.0f}/s ({row['failed']} failed)")
-    return "\n".join(lines) + "\n"
+    return lines
+
+
+def _resume(results):
+    any_row = next(iter(results["resume"].values()))
+    lines = ["", f"## Resume: {any_row['clients']} clients resume a full room at once (last_id=0-0)", "",
+             f"The room holds CHAT_STREAM_MAXLEN = {any_row['stream_maxlen']} messages of {any_row['text_bytes']} B; "
+             f"each client is sent {any_row['messages_expected']} (CHAT_RESUME_MAX). RSS: the app's processes "
+             "together (master and workers), sampled every 10 ms.", "",
+             "| App | Time to all history_end (s) | Messages per client | recovered=false | RSS before (MiB) | "
+             "RSS peak (MiB) | Peak - before (MiB) | failed attempts |", "|---|---|---|---|---|---|---|---|"]
+    for app, row in results["resume"].items():
+        lines.append(f"| {app} | {row['seconds_to_all_history_end']:.2f} | {row['messages_min']}-{row['messages_max']} | "
+                     f"{row['recovered_false']} | {row['rss_bytes_before'] / MIB:.1f} | {row['rss_bytes_peak'] / MIB:.1f} | "
+                     f"{(row['rss_bytes_peak'] - row['rss_bytes_before']) / MIB:.1f} | {row['failed_attempts']} |")
+    return lines
+
+
+def _reconnect(results):
+    runs = results["reconnect"]
+    any_row = next(iter(next(iter(runs.values())).values()))
+    lines = ["", f"## Reconnect: {any_row['clients']} clients, rolling restart of {any_row['replicas']} replicas of one app",
+             "", "Handshakes per second: client-side, completed handshakes in 100 ms bins, times 10. Time: from the "
+             "first close 1001 to the last client's history_end after its reconnect (the restart of every replica "
+             "included). Lost and duplicated: message ids each client received against the room's stream.", "",
+             "| App | Window (ms) | Closes 1001 | Peak handshakes/s | First 1001 to all resumed (s) | Per replica: "
+             "closes, peak/s, to all resumed (s) | Resumes | recovered=false | Failed attempts | Not resumed | Lost | "
+             "Duplicated | Other close codes |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for app, windows in runs.items():
+        for window, row in windows.items():
+            others = {code: n for code, n in row["close_codes"].items() if code != "1001"}
+            waves = "; ".join(f"{w['closes_1001']}, {w['peak_handshakes_per_second']}, "
+                              f"{_number(w['first_1001_to_all_resumed_s'])}" for w in row["waves"])
+            lines.append(f"| {app} | {window} | {row['closes_1001']} | {row['peak_handshakes_per_second']} | "
+                         f"{_number(row['first_1001_to_all_resumed_s'])} | {waves} | {row['resumes']} | "
+                         f"{row['not_recovered']} | {row['failed_attempts']} | {row['not_resumed']}"
+                         f"{' (' + str(row['never_connected']) + ' never connected)' if row['never_connected'] else ''} | "
+                         f"{row['lost']} | "
+                         f"{row['duplicated']} | {others or '-'} |")
+            for step in row["timeline"]:
+                if step.get("error"):
+                    lines.append(f"|  | replica {step['replica']}: {step['error']} |" + " |" * 11)
+    for app, windows in runs.items():
+        peaks = {int(w): row["peak_handshakes_per_second"] for w, row in windows.items()}
+        if 0 in peaks and len(peaks) > 1 and peaks[0]:
+            spread = max(peaks)
+            lines.append(f"\n{app}: with a {spread} ms window the peak is {peaks[spread] / peaks[0]:.2f} of the peak "
+                         "without one.")
+    return lines
 
 
 def plots(results, out):
-    """throughput.png, latency.png, memory.png in `out`."""
+    """throughput.png, latency.png, memory.png, resume.png, reconnect.png in `out` (those of
+    the workloads that ran)."""
+    if results.get("echo"):
+        _echo_plots(results, out)
+    if results.get("idle"):
+        _memory_plot(results, out)
+    if results.get("resume"):
+        _resume_plot(results, out)
+    if results.get("reconnect"):
+        _reconnect_plot(results, out)
+
+
+def _echo_plots(results, out):
     sizes = sorted({row["size"] for row in results["echo"]})
     figure, axes = plt.subplots(1, len(sizes), figsize=(5 * len(sizes), 4), squeeze=False)
     for axis, size in zip(axes[0], sizes):
@@ -111,12 +200,19 @@ def plots(results, out):
             axis.plot([str(p) for p, _ in points], [v for _, v in points], marker="o", label=row["target"])
     axis.set(title=f"latency distribution, {connections} connections x {size} B", xlabel="percentile",
              ylabel="latency (us)", yscale="log")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
+    _save(figure, [axis], out / "latency.png")
+
+
+def _save(figure, legend_axes, path):
+    for axis in legend_axes:
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize="small")
     figure.tight_layout()
-    figure.savefig(out / "latency.png", dpi=100)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
 
+
+def _memory_plot(results, out):
     figure, axis = plt.subplots(figsize=(7, 4))
     steps = results["idle"]["steps"]
     for group in steps[0]["rss_bytes"]:
@@ -124,8 +220,32 @@ def plots(results, out):
                   [results["idle"]["processes"][group]["rss_bytes_before"] / MIB] +
                   [s["rss_bytes"][group] / MIB for s in steps], marker="o", label=group)
     axis.set(title="resident memory vs idle connections", xlabel="connections", ylabel="RSS (MiB)")
-    axis.grid(alpha=0.3)
-    axis.legend(fontsize="small")
-    figure.tight_layout()
-    figure.savefig(out / "memory.png", dpi=100)
-    plt.close(figure)
+    _save(figure, [axis], out / "memory.png")
+
+
+def _resume_plot(results, out):
+    figure, axis = plt.subplots(figsize=(7, 4))
+    for app, row in results["resume"].items():
+        axis.plot([t for t, _ in row["rss_curve"]], [rss / MIB for _, rss in row["rss_curve"]], label=app)
+    any_row = next(iter(results["resume"].values()))
+    axis.set(title=f"app RSS while {any_row['clients']} clients resume {any_row['messages_expected']} messages each",
+             xlabel="seconds (the clients connect at 0.5 s)", ylabel="RSS of the app's processes (MiB)")
+    _save(figure, [axis], out / "resume.png")
+
+
+def _reconnect_plot(results, out):
+    """Per app, the histogram of completed handshakes in 100 ms bins over the rolling restart,
+    one curve per reconnect window; dotted lines: each replica's stop."""
+    runs = results["reconnect"]
+    figure, axes = plt.subplots(len(runs), 1, figsize=(10, 3.2 * len(runs)), squeeze=False)
+    for axis, (app, windows) in zip(axes[:, 0], runs.items()):
+        for window, row in windows.items():
+            width = row["bin_ms"] / 1000
+            times = [i * width for i in range(len(row["handshake_bins"]))]
+            line, = axis.step(times, [n / width for n in row["handshake_bins"]], where="post",
+                              label=f"window {window} ms (peak {row['peak_handshakes_per_second']}/s)")
+            for step in row["timeline"]:
+                axis.axvline(step["stop_sent_at"], color=line.get_color(), linestyle=":", alpha=0.7)
+        axis.set(title=f"{app}: reconnect wave of {row['clients']} clients, rolling restart of {row['replicas']} replicas",
+                 xlabel="seconds (dotted: a replica is stopped)", ylabel="handshakes/s (100 ms bins)")
+    _save(figure, axes[:, 0], out / "reconnect.png")

@@ -49,10 +49,40 @@ def test_every_workload_reports_for_every_target(quick_run):
     assert {"python", "cpus", "nginx", "uwsgi", "redis", "picows"} <= set(results["versions"])
 
 
+def test_the_resume_workload_resumes_a_full_room_on_each_app(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["resume"]) == {"uwsgi-app", "flask-app"}
+    for row in results["resume"].values():
+        assert row["clients"] == results["settings"]["resume"] and row["all_history_end"]
+        # every client is sent the capped resume, and told that it is not the whole stream
+        assert row["messages_min"] == row["messages_max"] == row["messages_expected"]
+        assert row["recovered_false"] == row["clients"]
+        assert 0 < row["rss_bytes_before"] <= row["rss_bytes_peak"] and row["rss_curve"]
+
+
+def test_the_reconnect_workload_checks_every_message_across_a_rolling_restart(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    settings = results["settings"]
+    assert list(results["reconnect"]) == settings["reconnect_apps"]
+    for windows in results["reconnect"].values():
+        assert [int(w) for w in windows] == settings["reconnect_windows"]
+        for row in windows.values():
+            assert [step["replica"] for step in row["timeline"]] == list(range(1, settings["reconnect_replicas"] + 1))
+            assert all(step["healthy_at"] is not None for step in row["timeline"])
+            # every client was on a stopped replica at least once, and every one came back
+            assert row["all_resumed"] and row["not_resumed"] == row["never_connected"] == 0
+            assert row["closes_1001"] >= row["clients"] and row["resumes"] >= row["closes_1001"]
+            assert row["lost"] == row["duplicated"] == row["unexpected"] == row["out_of_order"] == 0
+            assert row["messages_in_stream"] > 20 and row["peak_handshakes_per_second"] > 0
+            assert sum(row["handshake_bins"]) > 0
+
+
 def test_the_targets_are_computed_and_reported(quick_run):
     out, stdout = quick_run
     results = json.loads((out / "results.json").read_text())
-    assert [t["id"] for t in results["targets"]] == ["P1", "P2", "P3", "P4a", "P4b", "P4c", "P5"]
+    assert [t["id"] for t in results["targets"]] == ["P1", "P2", "P3", "P4a", "P4b", "P4c", "P5", "P6"]
     for target in results["targets"]:
         assert isinstance(target["measured"], (int, float)) and target["met"] in (True, False)
     markdown = (out / "results.md").read_text()
@@ -61,7 +91,7 @@ def test_the_targets_are_computed_and_reported(quick_run):
         assert f"| {target['id']} |" in markdown
 
 
-@pytest.mark.parametrize("plot", ["throughput.png", "latency.png", "memory.png"])
+@pytest.mark.parametrize("plot", ["throughput.png", "latency.png", "memory.png", "resume.png", "reconnect.png"])
 def test_plots_are_written(quick_run, plot):
     out, _ = quick_run
     data = (out / plot).read_bytes()
