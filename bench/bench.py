@@ -68,7 +68,7 @@ STACK_SETTINGS = {
     "NGINX_AUTH_REQUEST_BURST": "100000",
     "LOCAL_REPLICAS": "1",
 }
-# Chat tokens are minted here with PyJWT under a CHAT_TOKEN_SECRET the bench gives its stack
+# Chat tokens are minted here with PyJWT under a CHAT_AUTH_SECRET the bench gives its stack
 # (random per run, never written to the results), rather than asked of the demo issuer: a
 # few thousand POST /auth/token would load uwsgi-app, the very app being measured, with
 # requests no chat client makes per message, while a signature costs microseconds here; and
@@ -150,7 +150,7 @@ class Stack:
         # Room for every idle connection on one worker (uWSGI does not balance accepts evenly),
         # and the cap must stay below the gevent cores (wsstack.capacity).
         cores = max(1000, per_app + 200)
-        env = dict(os.environ, **STACK_SETTINGS, CHAT_TOKEN_SECRET=TOKEN_SECRET, NGINX_PORT=str(self.ports["nginx"]),
+        env = dict(os.environ, **STACK_SETTINGS, CHAT_AUTH_SECRET=TOKEN_SECRET, NGINX_PORT=str(self.ports["nginx"]),
                    NGINX_TLS_PORT=str(self.ports["nginx_tls"]),
                    LOCAL_UWSGI_APP_PORT=str(self.ports["uwsgi"]), LOCAL_FLASK_APP_PORT=str(self.ports["flask"]),
                    LOCAL_REDIS_PORT=str(self.ports["redis"]), LOCAL_DNS_PORT=str(self.ports["dns"]),

@@ -71,6 +71,9 @@ def chat_room(environ, start_response):
     return accept(environ, start_response, talk, check=CHAT_CHECK)
 
 
+READ_BATCH = 32
+
+
 def converse(session):
     """Relay between the client and the room until either side ends it.
 
@@ -87,8 +90,10 @@ def converse(session):
         while True:
             gevent.wait([readable, session.wakeup], count=1, timeout=session.wait_timeout(uwsgi_options.ping_interval()))
             readable.clear()
-            # Also on a timeout: the non-blocking receive is where uWSGI sends its pings.
-            while True:
+            # Also on a timeout: the non-blocking receive is where uWSGI sends its pings. At most
+            # READ_BATCH messages before the live ones go out: a client that sends a burst
+            # must not fall behind its own room while it is read.
+            for _ in range(READ_BATCH):
                 # try_recv (patch 0016): None is "nothing more to read", b'' an empty message
                 payload = uwsgi.websocket_try_recv()
                 if payload is None:
@@ -99,6 +104,9 @@ def converse(session):
                 reply = session.incoming(payload, binary=binary)
                 if reply:
                     send_text(reply)
+            else:
+                # More may be waiting in uWSGI's buffer, where the socket watcher cannot see it.
+                readable.set()
             for text in session.outgoing():
                 send_text(text)
     except chat.Close as close:
