@@ -68,6 +68,13 @@ def test_the_member_list_is_capped_and_says_how_many_there_are():
     with ChatClient("flask", room, "counted") as client:
         assert len(client.presence["members"]) == 100  # CHAT_PRESENCE_MAX
         assert client.presence["count"] == 151
+        # Beyond CHAT_PRESENCE_MAX members joins and leaves are not announced (N x N messages
+        # when a big room reconnects after a deploy): the next event is the marker message.
+        with ChatClient("uwsgi", room, "unannounced") as other:
+            assert other.presence["count"] == 152
+            other.say("marker")
+            event = client.next_event()
+            assert (event["type"], event.get("text")) == ("message", "marker"), event
 
 
 def process_tree(pid):

@@ -195,16 +195,25 @@ def announce(pipe, room, kind, identity_id, name):
     pipe.xadd(events_key(room), {"type": kind, "uid": identity_id, "name": name}, maxlen=EVENTS_MAXLEN, approximate=True)
 
 
+def announced(members_after):
+    """Whether joins and leaves are announced in a room of this many members. Beyond
+    PRESENCE_MAX they are not: each would be a message to every member, so a room of N
+    members reconnecting after a deploy would cost N x N messages. The list on connect still
+    shows PRESENCE_MAX members and the count (Pusher caps presence rooms at 100 members)."""
+    return members_after <= PRESENCE_MAX
+
+
 def join(redis, room, identity):
     """Count one more connection of the member; announce the member if it was not present."""
     with redis.pipeline(transaction=False) as pipe:
         pipe.hincrby(f"chat:{room}:tabs", identity.id, 1)
         pipe.hset(f"chat:{room}:names", identity.id, identity.name)
         pipe.zadd(f"chat:{room}:presence", {identity.id: presence_expiry_ms()}, gt=True)
+        pipe.zcard(f"chat:{room}:presence")
         for key in room_keys(room):
             pipe.expire(key, ROOM_TTL)
-        added = pipe.execute()[2]
-    if added:
+        replies = pipe.execute()
+    if replies[2] and announced(replies[3]):
         with redis.pipeline(transaction=False) as pipe:
             announce(pipe, room, "join", identity.id, identity.name)
             pipe.execute()
@@ -227,8 +236,12 @@ def remove_member(redis, room, member_id, name=None):
     with redis.pipeline(transaction=False) as pipe:
         pipe.hdel(f"chat:{room}:tabs", member_id)
         pipe.hdel(f"chat:{room}:names", member_id)
-        announce(pipe, room, "leave", member_id, name)
-        pipe.execute()
+        pipe.zcard(f"chat:{room}:presence")
+        remaining = pipe.execute()[2]
+    if announced(remaining + 1):
+        with redis.pipeline(transaction=False) as pipe:
+            announce(pipe, room, "leave", member_id, name)
+            pipe.execute()
 
 
 def heartbeat(redis, room, members):
@@ -243,12 +256,14 @@ def heartbeat(redis, room, members):
         added = pipe.execute()
     returned = [member_id for member_id, new in zip(members, added) if new]
     if returned:
+        loud = announced(redis.zcard(f"chat:{room}:presence"))
         with redis.pipeline(transaction=False) as pipe:
             for member_id in returned:
                 name, connections = members[member_id]
                 pipe.hset(f"chat:{room}:names", member_id, name)
                 pipe.hincrby(f"chat:{room}:tabs", member_id, connections)
-                announce(pipe, room, "join", member_id, name)
+                if loud:
+                    announce(pipe, room, "join", member_id, name)
             pipe.execute()
 
 
