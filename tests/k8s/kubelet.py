@@ -433,8 +433,13 @@ class Pod:
         state.started = "startupProbe" not in probes
         state.ready = "readinessProbe" not in probes and state.started
         self.cluster.endpoints_changed()
+        # One `podman wait` per container tells when it ends; polling podman for its state
+        # would cost more CPU than the pods themselves.
+        exited = threading.Event()
+        threading.Thread(target=lambda: (podman("wait", podman_id, check=False, timeout=None), exited.set()),
+                         daemon=True).start()
         while not self.terminating.is_set():
-            if self.running(podman_id)[0] != "running":
+            if exited.is_set():
                 return None
             now = time.monotonic()
             for kind, probe in probes.items():
@@ -468,7 +473,8 @@ class Pod:
                     grace = probe.get("terminationGracePeriodSeconds", self.spec.get("terminationGracePeriodSeconds", 30))
                     self.stop_container(state, podman_id, grace)
                     return why
-            time.sleep(0.2)
+            due = [next_run[kind] for kind in probes if (kind == "startupProbe") != state.started]
+            exited.wait(max(0.05, min(due, default=now + 1) - time.monotonic()) if due else 1)
         return None
 
     # --- life cycle ------------------------------------------------------------------------
