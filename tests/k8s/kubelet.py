@@ -729,7 +729,7 @@ class Cluster:
             if all(len(d.ready_pods()) >= d.replicas for d in self.deployments.values()):
                 return
             time.sleep(0.5)
-        raise TimeoutError("not every Deployment ready within {timeout}s: " + ", ".join(
+        raise TimeoutError(f"not every Deployment ready within {timeout}s: " + ", ".join(
             f"{name} {len(d.ready_pods())}/{d.replicas}" for name, d in self.deployments.items()))
 
     def resolve(self, service):

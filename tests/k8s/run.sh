@@ -37,7 +37,10 @@ teardown() {
     [ "$status" -eq 0 ] || echo "test-k8s: failed; the pods' logs are in $log_dir/" >&2
     podman pod ls --filter "label=k8s-test" --format '{{.Name}}' | grep -F "$project" | xargs --no-run-if-empty podman pod rm --force >/dev/null 2>&1
     podman network ls --format '{{.Name}}' | grep -F "$project" | xargs --no-run-if-empty podman network rm --force >/dev/null 2>&1
-    podman rmi --force "${built[@]}" "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
+    # K8S_TEST_KEEP_IMAGES=1 (while working on the harness): the next run's build is cached.
+    if [ "${K8S_TEST_KEEP_IMAGES:-0}" != 1 ]; then
+        podman rmi --force "${built[@]}" "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
+    fi
     comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort) \
         | xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1
     left=$(podman pod ls --format '{{.Name}}' | grep -F "$project"; podman network ls --format '{{.Name}}' | grep -F "$project")
@@ -55,7 +58,7 @@ echo "test-k8s: building images (offline, the project's Dockerfiles)"
 # for this run, so the harness maps each manifest image to one of these.
 for name in nginx uwsgi-app flask-app tests; do
     podman tag "websockets-behind-nginx/$name:dev" "localhost/$project/$name:test"
-    built+=("localhost/$project/$name:test")
+    built+=("localhost/$project/$name:test" "websockets-behind-nginx/$name:dev")
 done
 podman tag "$REDIS_IMAGE" "localhost/$project/redis:test"
 built+=("localhost/$project/redis:test")

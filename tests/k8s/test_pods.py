@@ -201,14 +201,23 @@ def chat_through(event, backend, listeners=4, other=None):
             writer.say(text)
             sent.append(text)
             time.sleep(0.1)
+    def drain():  # the writer gets its own messages too: read them, or they pile up on the app
+        while not stop.is_set():
+            try:
+                writer.next_event(timeout=0.5)
+            except TimeoutError:
+                pass
     writing = threading.Thread(target=write, daemon=True)
+    draining = threading.Thread(target=drain, daemon=True)
     writing.start()
+    draining.start()
     try:
         event()
         time.sleep(2)
     finally:
         stop.set()
         writing.join()
+        draining.join()
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and any(len(listener.texts) < len(sent) for listener in group):
         time.sleep(0.2)
