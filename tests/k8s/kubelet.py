@@ -503,6 +503,7 @@ class Pod:
         for thread in self.threads:
             thread.join(30)
         self.collect_exits()
+        self.save_logs()
         podman("pod", "rm", "--force", self.podman_name, check=False)
         self.gone.set()
 
@@ -511,6 +512,10 @@ class Pod:
             if getattr(state, "podman_id", None):
                 _, code, _ = self.running(state.podman_id)
                 state.exits.append((int(code), "deleted"))
+
+    def save_logs(self):
+        for state in self.containers:
+            (self.cluster.run_dir / f"{self.name}.{state.name}.log").write_text(self.logs(state.name))
 
     def kill(self):
         """The pod vanishes at once (its node died, or kubectl delete --force --grace-period=0)."""
@@ -628,7 +633,8 @@ class Cluster:
 
     def __init__(self, objects, prefix, run_dir, images, run_args=(), config_overrides=None):
         self.objects = objects
-        self.prefix, self.run_dir, self.images, self.run_args = prefix, Path(run_dir), images, list(run_args)
+        # Absolute: dnsmasq reads its hosts file from / .
+        self.prefix, self.run_dir, self.images, self.run_args = prefix, Path(run_dir).resolve(), images, list(run_args)
         namespaces = {obj["metadata"].get("namespace") for obj in objects if obj["kind"] != "Namespace"}
         assert len(namespaces) == 1, namespaces
         self.namespace = namespaces.pop() or "default"

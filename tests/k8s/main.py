@@ -46,12 +46,6 @@ def make_cluster(objects, project, name, log_dir, config=None):
                            images=local_images(objects, project), run_args=RUN_ARGS, config_overrides=config)
 
 
-def save_logs(cluster):
-    for pod in cluster.pods():
-        for state in pod.containers:
-            (cluster.run_dir / f"{pod.name}.{state.name}.log").write_text(pod.logs(state.name))
-
-
 def run_suite(cluster, project):
     """The tests image as compose runs it (hardened, an init, the development CA), with the
     name nginx pinned to one nginx pod: each pod makes its own development certificate."""
@@ -118,7 +112,9 @@ def main():
             status |= pytest.main(pytest_args(["test_pods.py"], extra), plugins=[ClusterPlugin(cluster, None)])
             cluster.stop()
         finally:
-            save_logs(cluster)
+            for pod in cluster.pods():  # those still there (a failed start); delete() saves its own
+                if not pod.gone.is_set():
+                    pod.save_logs()
             cluster.teardown()
         print(f"test-k8s: {kustomization}: done in {time.monotonic() - started:.0f}s", flush=True)
     if not args.only:
