@@ -67,19 +67,25 @@ def run_suite(cluster, project):
     return status
 
 
-class ClusterPlugin:
-    """Gives tests/k8s/*.py the running cluster (fixture `cluster`) and a way to start more."""
+# What this module, handed to pytest as a plugin, gives tests/k8s/*.py through its fixtures.
+CURRENT = {"cluster": None, "factory": None}
 
-    def __init__(self, cluster, factory):
-        self._cluster, self._factory = cluster, factory
 
-    @pytest.fixture(scope="session")
-    def cluster(self):
-        return self._cluster
+@pytest.fixture(scope="session")
+def cluster():
+    """The running cluster of the kustomization under test."""
+    return CURRENT["cluster"]
 
-    @pytest.fixture(scope="session")
-    def start_cluster(self):
-        return self._factory
+
+@pytest.fixture(scope="session")
+def start_cluster():
+    """make_cluster(objects, name) for tests that start a cluster of their own."""
+    return CURRENT["factory"]
+
+
+def run_pytest(files, extra, cluster=None, factory=None):
+    CURRENT.update(cluster=cluster, factory=factory)
+    return pytest.main(pytest_args(files, extra), plugins=[sys.modules[__name__]])
 
 
 def pytest_args(files, extra):
@@ -109,7 +115,7 @@ def main():
             cluster.wait_ready()
             print(f"test-k8s: {kustomization}: every Deployment ready after {time.monotonic() - started:.0f}s", flush=True)
             status |= run_suite(cluster, args.project)
-            status |= pytest.main(pytest_args(["test_pods.py"], extra), plugins=[ClusterPlugin(cluster, None)])
+            status |= run_pytest(["test_pods.py"], extra, cluster=cluster)
             cluster.stop()
         finally:
             for pod in cluster.pods():  # those still there (a failed start); delete() saves its own
@@ -120,7 +126,7 @@ def main():
     if not args.only:
         def factory(objects, name):
             return make_cluster(objects, args.project, name, args.log_dir)
-        status |= pytest.main(pytest_args(["test_service_links.py"], extra), plugins=[ClusterPlugin(None, factory)])
+        status |= run_pytest(["test_service_links.py"], extra, factory=factory)
     return 1 if status else 0
 
 
