@@ -85,10 +85,10 @@ def start_cluster():
 
 def run_pytest(files, extra, cluster=None, factory=None):
     CURRENT.update(cluster=cluster, factory=factory)
-    return pytest.main(pytest_args(files, extra), plugins=[sys.modules[__name__]])
+    return pytest.main(arguments_for_pytest(files, extra), plugins=[sys.modules[__name__]])
 
 
-def pytest_args(files, extra):
+def arguments_for_pytest(files, extra):
     return ["-c", str(HERE.parent / "pytest.ini"), "-p", "no:cacheprovider", "-m", "k8s",
             "--rootdir", str(HERE.parent), *[str(HERE / f) for f in files], *extra]
 
