@@ -2,10 +2,10 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose test-k8s conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images clean compose-up compose-test compose-down
 
 help: ## list the targets
-	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
+	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
 
 bootstrap: ## install nginx, redis-server, libssl-dev (apt, when missing) and .venv with uWSGI built with SSL
 	scripts/bootstrap.sh
@@ -21,6 +21,9 @@ test: ## run every test against a freshly started local stack; TEST_ARGS="-k idl
 
 test-compose: ## without Docker: build the images and run the compose stack with podman, test it, tear it down
 	tests/compose/run.sh
+
+test-k8s: ## without a cluster: run the rendered k8s/ pods with podman as a kubelet would, test them, tear down
+	tests/k8s/run.sh $(K8S_ARGS)
 
 conformance: ## RFC 6455 checks on stock uWSGI vs the project's patched build, both apps, as a table
 	scripts/conformance.sh

@@ -17,7 +17,11 @@ server_names=DNS:localhost,DNS:nginx,IP:127.0.0.1,IP:::1
 
 mkdir -p "$dir"
 # Readable by other users (the tests container trusts ca.crt as uid 10001); keys are not.
-chmod 0755 "$dir"
+# Only when it is ours: a Kubernetes emptyDir is root's, mode 0777, and only its owner may
+# change that (it is readable by all already).
+if [ -O "$dir" ]; then
+    chmod 0755 "$dir"
+fi
 
 valid_for_a_while() {
     [ -s "$1" ] && openssl x509 -in "$1" -noout -checkend "$renew_before" >/dev/null 2>&1

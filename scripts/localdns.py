@@ -14,11 +14,12 @@ import struct
 from pathlib import Path
 
 
-def dnsmasq_argv(hosts_file, port, ttl):
-    """dnsmasq as a foreground child: our hosts file only, no upstream, no system files."""
+def dnsmasq_argv(hosts_file, port, ttl, listen="127.0.0.1"):
+    """dnsmasq as a foreground child: our hosts file only, no upstream, no system files.
+    (make test-k8s listens on its podman network's gateway instead of loopback.)"""
     return [
         "dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
-        "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={port}",
+        f"--listen-address={listen}", "--bind-interfaces", f"--port={port}",
         f"--addn-hosts={hosts_file}", f"--local-ttl={ttl}",
         # As root it would switch to `nobody`, who may not read the run directory.
         f"--user={pwd.getpwuid(os.geteuid()).pw_name}",

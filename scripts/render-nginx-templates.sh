@@ -10,6 +10,17 @@ template_dir=$1
 output_dir=$2
 filter=${NGINX_ENVSUBST_FILTER:?set NGINX_ENVSUBST_FILTER, e.g. ^NGINX_}
 
+# A listening port that is not a number (NGINX_PORT=tcp://... from a Kubernetes service link)
+# would render a `listen` line nginx refuses without naming the variable; the image's
+# 10-ports.envsh says the same before its own rendering.
+for setting in $(awk 'END { for (name in ENVIRON) if (name ~ /^NGINX_([A-Z]+_)?PORT$/) print name }' </dev/null); do
+    value=$(printenv "$setting")
+    if ! printf '%s' "$value" | grep -Eqx '[1-9][0-9]{0,4}' || [ "$value" -gt 65535 ]; then
+        echo "render-nginx-templates: $setting='$value' is not a port number (1-65535)" >&2
+        exit 1
+    fi
+done
+
 defined_envs=$(printf '${%s} ' $(awk "END { for (name in ENVIRON) { print ( name ~ /${filter}/ ) ? name : \"\" } }" </dev/null))
 mkdir -p "$output_dir"
 for template in "$template_dir"/*.template; do

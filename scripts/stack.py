@@ -53,6 +53,8 @@ DEFAULTS = {
     "NGINX_TLS_CERTIFICATE_KEY": "",
     "NGINX_HTTPS_REDIRECT": "off",
     "NGINX_HSTS_MAX_AGE": "0",
+    # The proxies whose X-Forwarded-For nginx believes; unix: trusts none (docs/configuration.md).
+    "NGINX_REAL_IP_FROM": "unix:",
     "NGINX_STATUS_PORT": "8081",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
@@ -135,6 +137,7 @@ def load_settings(environ):
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn
         raise ConfigError(f"NGINX_WS_CONNECTIONS_PER_IP={settings['NGINX_WS_CONNECTIONS_PER_IP']} must be at most 65535")
     check_tls_settings(settings)
+    check_real_ip_from(settings)
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     if nginx_seconds("NGINX_RESOLVER_VALID", settings["NGINX_RESOLVER_VALID"]) < 1:
         raise ConfigError("NGINX_RESOLVER_VALID must be at least 1s")
@@ -145,6 +148,17 @@ def load_settings(environ):
             "or nginx closes idle WebSockets between two pings"
         )
     return settings
+
+
+def check_real_ip_from(settings):
+    """The container checks the same in nginx/docker-entrypoint.d/12-real-ip.envsh."""
+    value = settings["NGINX_REAL_IP_FROM"]
+    if value != "unix:":
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            raise ConfigError(f"NGINX_REAL_IP_FROM={value!r} must be an address, a CIDR such as 10.0.0.0/8, "
+                              "or unix: (no proxy trusted)") from None
 
 
 def check_tls_settings(settings):

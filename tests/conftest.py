@@ -6,7 +6,8 @@ STACK_TLS_CA_FILE              the CA that signed nginx's certificate (the only 
 STACK_MODE                     "local" (make test) runs the @pytest.mark.local tests too;
                                "compose" (make test-compose, on the host) the
                                @pytest.mark.compose ones; "container" (the tests container)
-                               skips both and runs the @pytest.mark.container ones
+                               skips both and runs the @pytest.mark.container ones;
+                               "k8s" (make test-k8s, on the host) the @pytest.mark.k8s ones
 NGINX_PROXY_READ_TIMEOUT       the stack's setting, so idle tests hold longer than it
 UWSGI_WEBSOCKETS_PING_FREQ     the stack's setting
 """
@@ -27,6 +28,7 @@ def pytest_collection_modifyitems(config, items):
     skip_local = pytest.mark.skip(reason="needs the repository checkout and local tools (STACK_MODE=local)")
     skip_compose = pytest.mark.skip(reason="inspects the podman compose stack (make test-compose, STACK_MODE=compose)")
     skip_container = pytest.mark.skip(reason="inspects the tests container from inside (STACK_MODE=container)")
+    skip_k8s = pytest.mark.skip(reason="checks the pods of make test-k8s (STACK_MODE=k8s)")
     for item in items:
         if "local" in item.keywords and MODE != "local":
             item.add_marker(skip_local)
@@ -34,6 +36,8 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_compose)
         if "container" in item.keywords and MODE != "container":
             item.add_marker(skip_container)
+        if "k8s" in item.keywords and MODE != "k8s":
+            item.add_marker(skip_k8s)
 
 
 @pytest.fixture(params=["uwsgi", "flask"])

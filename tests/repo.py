@@ -61,6 +61,7 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_TLS_CERTIFICATE_KEY": str(dev_certificate_dir() / "server.key"),
         "NGINX_HTTPS_REDIRECT": "off",
         "NGINX_HSTS_MAX_AGE": "0",
+        "NGINX_REAL_IP_FROM": "unix:",
         # Not NGINX_*: must survive rendering untouched even though it is set.
         "host": "must-not-be-substituted",
     }

@@ -18,6 +18,9 @@ EXPECTED_UIDS = {"nginx": 101, "uwsgi-app": 10001, "flask-app": 10001, "redis": 
 # Without an init these would be PID 1, which ignores every signal it has no handler for:
 # uWSGI's master before its SIGTERM hook is installed, pytest for SIGTERM at all.
 NEEDS_INIT = {"uwsgi-app", "flask-app", "tests"}
+# ...which the app images bring themselves (tini, their ENTRYPOINT, for Kubernetes and `docker
+# run` too); compose adds one only where the image has none.
+IMAGE_INIT = {"uwsgi-app", "flask-app"}
 # After a component's own bound on its graceful stop, time for its master to reap the last
 # worker and exit (and the init after it) before the engine's SIGKILL, on a loaded host.
 EXIT_MARGIN = 3
@@ -125,7 +128,17 @@ def test_every_service_is_locked_down(name):
     assert "cap_add" not in service
     assert "no-new-privileges:true" in service.get("security_opt", [])
     assert not service.get("privileged")
-    assert service.get("init", False) is (name in NEEDS_INIT)
+    assert service.get("init", False) is (name in NEEDS_INIT - IMAGE_INIT)
+
+
+@pytest.mark.parametrize("name", sorted(IMAGE_INIT))
+def test_the_app_images_start_tini_as_pid_1(name):
+    dockerfile = (REPO / name / "Dockerfile").read_text()
+    final_stage = dockerfile.rsplit("\nFROM ", 1)[1]
+    assert re.search(r"^ENTRYPOINT \[\"tini\", \"--\"\]$", final_stage, re.M)
+    # The static binary from the build stage's pinned package: the final stage runs no apt.
+    assert "COPY --from=build /usr/bin/tini-static /usr/bin/tini" in final_stage
+    assert re.search(r"apt-get install -y --no-install-recommends .* tini=0\.19\.\*", dockerfile)
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_UIDS))

@@ -4,6 +4,7 @@ validated against the Kubernetes API schemas (kubernetes-validate, strict: unkno
 errors), and the manifests are compared with what they must agree with: the compose file, the
 images, the uWSGI and nginx configs, the running apps. No cluster is involved."""
 import functools
+import ipaddress
 import re
 import subprocess
 
@@ -262,7 +263,7 @@ def test_nginx_environment_renders_a_config_nginx_accepts(kustomization, tmp_pat
     assert check.returncode == 0, check.stderr
 
 
-def test_ingress_outlasts_the_pings_and_enforces_the_per_client_limits():
+def test_ingress_outlasts_the_pings_and_leaves_the_per_client_limits_to_our_nginx():
     overlay = "k8s/overlays/ingress"
     [ingress] = objects(overlay, "Ingress").values()
     notes = ingress["metadata"]["annotations"]
@@ -270,19 +271,135 @@ def test_ingress_outlasts_the_pings_and_enforces_the_per_client_limits():
     ours = nginx_seconds(environment(overlay, "nginx")["NGINX_PROXY_READ_TIMEOUT"])
     assert int(notes["nginx.ingress.kubernetes.io/proxy-read-timeout"]) >= ours > ping
     assert int(notes["nginx.ingress.kubernetes.io/proxy-send-timeout"]) > ping
-    # The edge takes over our nginx's per-address limits, with the same numbers...
-    base = environment("k8s/base", "nginx")
-    assert notes["nginx.ingress.kubernetes.io/limit-connections"] == base["NGINX_WS_CONNECTIONS_PER_IP"]
-    assert notes["nginx.ingress.kubernetes.io/limit-rps"] == base["NGINX_WS_HANDSHAKES_PER_SECOND"]
-    burst = int(notes["nginx.ingress.kubernetes.io/limit-rps"]) * int(notes["nginx.ingress.kubernetes.io/limit-burst-multiplier"])
-    assert burst == int(base["NGINX_WS_HANDSHAKE_BURST"])
-    # ...as behind it every client has a controller's address: ours must not bind first.
-    lifted = environment(overlay, "nginx")
+    # ingress-nginx's own limits count per controller pod and answer 503: not used...
+    assert not [note for note in notes if "/limit-" in note]
+    # ...ours stay as in the base and see each client's address, from the controllers only.
+    base, behind = environment("k8s/base", "nginx"), environment(overlay, "nginx")
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST"):
-        assert int(lifted[name]) > 10 * int(base[name]), name
+        assert behind[name] == base[name], name
+    assert base["NGINX_REAL_IP_FROM"] == "unix:"
+    assert ipaddress.ip_network(behind["NGINX_REAL_IP_FROM"]).is_private
     [rule] = ingress["spec"]["rules"]
     [path] = rule["http"]["paths"]
     backend = path["backend"]["service"]
     assert backend["name"] == "nginx" and path["path"] == "/"
     nginx_ports = {p["name"]: p["port"] for p in objects(overlay, "Service")["nginx"]["spec"]["ports"]}
     assert backend["port"]["name"] in nginx_ports
+
+
+def policies_module():
+    import sys
+
+    sys.path.insert(0, str(REPO / "tests" / "k8s"))
+    import policies
+
+    return policies
+
+
+def listening_ports(kustomization, deployment):
+    """The ports a pod's program listens on, from what configures it (not from the manifest):
+    the apps' image settings, nginx's three port settings, Redis's default."""
+    if deployment in APPS:
+        image = dockerfile_env(deployment)
+        return {int(image[name].rsplit(":", 1)[1]) for name in ("UWSGI_HTTP_SOCKET", "METRICS_HTTP_SOCKET", "UWSGI_STATS")}
+    if deployment == "nginx":
+        settings = {**dockerfile_env("nginx"), **environment(kustomization, "nginx")}
+        return {int(settings[name]) for name in ("NGINX_PORT", "NGINX_TLS_PORT", "NGINX_STATUS_PORT")}
+    assert deployment == "redis" and "--port" not in only_container(kustomization, "redis")["args"]
+    return {6379}
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_every_listening_port_is_declared_and_opened_by_exactly_one_network_policy(kustomization):
+    policies = policies_module()
+    network_policies = list(objects(kustomization, "NetworkPolicy").values())
+    for name, deployment in objects(kustomization, "Deployment").items():
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        container = only_container(kustomization, name)
+        ports = listening_ports(kustomization, name)
+        assert {port["containerPort"] for port in container["ports"]} == ports, name
+        for port in ports:
+            assert len(policies.covering_policies(network_policies, labels, container, port)) == 1, (name, port)
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_network_policies_deny_by_default_and_open_only_the_stacks_paths(kustomization):
+    policies = policies_module()
+    network_policies = list(objects(kustomization, "NetworkPolicy").values())
+    default = objects(kustomization, "NetworkPolicy")["default-deny"]["spec"]
+    assert default == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+
+    class Pod:
+        def __init__(self, name):
+            self.labels = objects(kustomization, "Deployment")[name]["spec"]["template"]["metadata"]["labels"]
+
+    monitoring = Pod("nginx")
+    monitoring.labels = {"websockets-behind-nginx/monitoring": "true"}
+    stranger = Pod("nginx")
+    stranger.labels = {"app.kubernetes.io/name": "something-else"}
+    container = {name: only_container(kustomization, name) for name in IMAGE_UIDS}
+    allowed = policies.connection_allowed
+    for app in APPS:
+        assert allowed(network_policies, Pod("nginx"), Pod(app), container[app], 8000)
+        assert allowed(network_policies, Pod(app), Pod("redis"), container["redis"], 6379)
+        for port in (9000, 9191):  # metrics, uWSGI stats: monitoring only, never nginx
+            assert not allowed(network_policies, Pod("nginx"), Pod(app), container[app], port)
+            assert not allowed(network_policies, stranger, Pod(app), container[app], port)
+        assert not allowed(network_policies, stranger, Pod(app), container[app], 8000)
+        assert not allowed(network_policies, Pod(app), Pod("nginx"), container["nginx"], 8080)
+    assert not allowed(network_policies, Pod("nginx"), Pod("redis"), container["redis"], 6379)
+    assert not allowed(network_policies, stranger, Pod("redis"), container["redis"], 6379)
+    assert not allowed(network_policies, stranger, Pod("nginx"), container["nginx"], 8081)
+    for port in (8080, 8443):  # from anywhere: another namespace (an Ingress controller), outside
+        assert allowed(network_policies, stranger, Pod("nginx"), container["nginx"], port, source_in_namespace=False)
+    # Monitoring, from its own namespace: the internal ports, and nothing else.
+    for app in APPS:
+        for port in (9000, 9191):
+            assert allowed(network_policies, monitoring, Pod(app), container[app], port, source_in_namespace=False)
+        assert not allowed(network_policies, monitoring, Pod(app), container[app], 8000, source_in_namespace=False)
+    assert allowed(network_policies, monitoring, Pod("nginx"), container["nginx"], 8081, source_in_namespace=False)
+    assert not allowed(network_policies, monitoring, Pod("redis"), container["redis"], 6379, source_in_namespace=False)
+    assert not allowed(network_policies, stranger, Pod("uwsgi-app"), container["uwsgi-app"], 8000,
+                       source_in_namespace=False)
+    # The monitoring rules take pods from any namespace: their peer carries a namespaceSelector {}.
+    for name in ("websocket-apps-monitoring", "nginx-monitoring"):
+        [rule] = objects(kustomization, "NetworkPolicy")[name]["spec"]["ingress"]
+        assert rule["from"] == [{"namespaceSelector": {}, "podSelector": {"matchLabels": monitoring.labels}}]
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_no_pod_gets_service_link_variables(kustomization):
+    # uWSGI reads UWSGI_APP_SERVICE_HOST & co. (the Service uwsgi-app's) as unknown options, and
+    # NGINX_PORT=tcp://... (the Service nginx's) replaces nginx's port: every pod crash-looped.
+    for name in IMAGE_UIDS:
+        assert pod_spec(kustomization, name)["enableServiceLinks"] is False, name
+
+
+@pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
+def test_replicas_spread_over_nodes_and_zones_and_redis_is_guaranteed(kustomization):
+    for name in APPS + ["nginx"]:
+        constraints = {c["topologyKey"]: c for c in pod_spec(kustomization, name)["topologySpreadConstraints"]}
+        assert set(constraints) == {"kubernetes.io/hostname", "topology.kubernetes.io/zone"}, name
+        assert constraints["kubernetes.io/hostname"]["whenUnsatisfiable"] == "DoNotSchedule"
+        assert constraints["topology.kubernetes.io/zone"]["whenUnsatisfiable"] == "ScheduleAnyway"
+        for constraint in constraints.values():
+            assert constraint["labelSelector"] == {"matchLabels": {"app.kubernetes.io/name": name}}, name
+            assert constraint["matchLabelKeys"] == ["pod-template-hash"] and constraint["maxSkew"] == 1
+    resources = only_container(kustomization, "redis")["resources"]
+    assert resources["requests"] == resources["limits"]  # Guaranteed QoS: evicted last
+
+
+def test_the_scaled_overlay_autoscales_each_app_on_cpu_from_its_replica_count():
+    overlay = "k8s/overlays/scaled"
+    autoscalers = objects(overlay, "HorizontalPodAutoscaler")
+    assert sorted(autoscalers) == sorted(APPS)
+    deployments = objects(overlay, "Deployment")
+    for name, hpa in autoscalers.items():
+        spec = hpa["spec"]
+        assert spec["scaleTargetRef"] == {"apiVersion": "apps/v1", "kind": "Deployment", "name": name}
+        assert spec["minReplicas"] == deployments[name]["spec"]["replicas"] < spec["maxReplicas"]
+        [metric] = spec["metrics"]
+        assert metric["resource"]["name"] == "cpu"
+        # Utilization is of the request: the pods must request CPU for it to mean anything.
+        assert only_container(overlay, name)["resources"]["requests"]["cpu"]
+        assert spec["behavior"]["scaleDown"]["stabilizationWindowSeconds"] >= 300

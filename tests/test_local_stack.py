@@ -154,6 +154,49 @@ def test_app_refuses_to_start_with_an_invalid_uwsgi_setting(variable, value):
     assert f"startup check failed: {variable}" in result.stdout + result.stderr
 
 
+# What the kubelet injects for the Service uwsgi-app when a pod keeps its service links.
+SERVICE_LINKS = {"UWSGI_APP_SERVICE_HOST": "10.96.0.5", "UWSGI_APP_SERVICE_PORT": "8000",
+                 "UWSGI_APP_SERVICE_PORT_HTTP": "8000", "UWSGI_APP_PORT": "tcp://10.96.0.5:8000",
+                 "UWSGI_APP_PORT_8000_TCP": "tcp://10.96.0.5:8000", "UWSGI_APP_PORT_8000_TCP_PROTO": "tcp",
+                 "UWSGI_APP_PORT_8000_TCP_PORT": "8000", "UWSGI_APP_PORT_8000_TCP_ADDR": "10.96.0.5"}
+
+
+@pytest.mark.parametrize("app", APPS)
+def test_app_names_kubernetes_service_links_instead_of_a_terse_strict_mode_error(app):
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}", **SERVICE_LINKS)
+    result = subprocess.run([str(VENV_BIN / "uwsgi"), "--ini", str(REPO / app / "uwsgi.ini")],
+                            env=env, capture_output=True, text=True, timeout=30)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    for name in SERVICE_LINKS:
+        assert (f"{name}: not a uWSGI option; it looks like a Kubernetes service link variable of the Service "
+                "'uwsgi-app'. Set enableServiceLinks: false in the pod spec") in output, name
+    # It speaks before uWSGI does: the check's message comes first, strict mode's line after it.
+    assert output.index("startup check failed") < output.index("[strict-mode] unknown config directive")
+
+
+def test_app_names_a_misspelt_uwsgi_variable_and_accepts_real_options():
+    env = dict(os.environ, UWSGI_HTTP_SOCKET=f"127.0.0.1:{free_port()}", UWSGI_PROCESES="2")
+    result = subprocess.run([str(VENV_BIN / "uwsgi"), "--ini", str(REPO / "uwsgi-app" / "uwsgi.ini")],
+                            env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert ("UWSGI_PROCESES: not a uWSGI option (uWSGI reads every UWSGI_* variable as the option 'proceses'); "
+            "unset or rename it") in result.stdout + result.stderr
+
+
+def test_option_name_check_passes_real_options_and_uwsgis_internal_variables(monkeypatch):
+    monkeypatch.syspath_prepend(str(REPO / "common"))
+    from wsstack import startup_check
+
+    options = startup_check.known_options(str(VENV_BIN / "uwsgi"))
+    # The patched build's own options are listed, as are the plugins' (gevent).
+    assert {"websockets-frame-rate", "gevent-early-monkey-patch", "http-socket", "stats"} <= options
+    startup_check.check_option_names({"UWSGI_PROCESSES": "2", "UWSGI_GEVENT_EARLY_MONKEY_PATCH": "1",
+                                      "UWSGI_RELOADS": "3", "PATH": "/bin"}, options)
+    with pytest.raises(startup_check.StartupError, match="UWSGI_NGINX_PORT: not a uWSGI option; it looks like"):
+        startup_check.check_option_names({"UWSGI_NGINX_PORT": "tcp://10.0.0.1:80"}, options)
+
+
 @pytest.mark.parametrize("app", APPS)
 def test_graceful_stop_closes_open_websockets_with_1001(tmp_path, app, monkeypatch):
     monkeypatch.syspath_prepend(str(REPO / "common"))

@@ -101,7 +101,10 @@ def test_rendered_nginx_config_proxies_websockets_correctly(tmp_path):
         "proxy_set_header Connection $connection_upgrade;",
         "proxy_set_header Host $host;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",
-        "proxy_set_header X-Forwarded-Proto $scheme;",
+        "proxy_set_header X-Forwarded-Proto $forwarded_proto;",
+        "set_real_ip_from unix:;",
+        "real_ip_header X-Forwarded-For;",
+        "real_ip_recursive on;",
         "proxy_buffering off;",
         "proxy_read_timeout 60s;",
         "listen 127.0.0.1:18080;",
@@ -147,3 +150,31 @@ def test_the_image_refuses_to_start_without_a_nameserver(tmp_path):
                             env={"PATH": os.environ["PATH"], "RESOLV_CONF": str(tmp_path / "resolv.conf")})
     assert result.returncode != 0 and "set NGINX_RESOLVER" in result.stderr
     assert os.access(RESOLVER_SCRIPT, os.X_OK)  # the entrypoint skips scripts that are not executable
+
+
+PORTS_SCRIPT = REPO / "nginx" / "docker-entrypoint.d" / "10-ports.envsh"
+
+
+@pytest.mark.parametrize("setting, value, hint", [
+    # What the kubelet injects for the Service nginx when the pod keeps its service links.
+    ("NGINX_PORT", "tcp://10.96.0.7:8080", "set enableServiceLinks: false in the pod spec"),
+    ("NGINX_PORT", "http", ""), ("NGINX_PORT", "0", ""), ("NGINX_STATUS_PORT", "65536", ""),
+    ("NGINX_STATUS_PORT", "", ""),
+])
+def test_the_image_refuses_a_listening_port_that_is_not_a_number(setting, value, hint):
+    env = {"PATH": os.environ["PATH"], "NGINX_PORT": "8080", "NGINX_STATUS_PORT": "8081", setting: value}
+    # Sourced, as the official entrypoint does with *.envsh.
+    result = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"10-ports.envsh: {setting}='{value}' is not a port number (1-65535)" in result.stderr
+    assert hint in result.stderr
+    assert os.access(PORTS_SCRIPT, os.X_OK)  # the entrypoint skips scripts that are not executable
+    good = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env={**env, setting: "8082"}, capture_output=True, text=True)
+    assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.parametrize("setting", ["NGINX_PORT", "NGINX_STATUS_PORT", "NGINX_TLS_PORT"])
+def test_local_rendering_refuses_a_listening_port_that_is_not_a_number(tmp_path, setting):
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        render_nginx(tmp_path, **{setting: "tcp://10.96.0.7:8080"})
+    assert f"render-nginx-templates: {setting}='tcp://10.96.0.7:8080' is not a port number" in failure.value.stderr

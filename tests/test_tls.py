@@ -7,12 +7,15 @@ tests container: the same CA, read from the compose volume) and check the host n
 import contextlib
 import http.client
 import os
+import shutil
 import socket
 import ssl
 import subprocess
+import tempfile
 import threading
 import urllib.parse
 import warnings
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect
@@ -234,6 +237,21 @@ def test_dev_certs_makes_a_ca_and_a_server_certificate_for_the_stacks_names(tmp_
     for key in ("ca.key", "server.key"):
         assert (tmp_path / "tls" / key).stat().st_mode & 0o077 == 0, key
     assert (tmp_path / "tls" / "ca.crt").stat().st_mode & 0o004
+
+
+@pytest.mark.local
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run the script as another user")
+def test_dev_certs_works_in_a_directory_of_roots_writable_by_all(tmp_path):
+    # A Kubernetes emptyDir: root's, mode 0777; nginx (uid 101) may write in it but not chmod it.
+    shared = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        shared.chmod(0o777)
+        result = subprocess.run(["setpriv", "--reuid=101", "--regid=101", "--clear-groups",
+                                 str(REPO / "nginx" / "dev-certs.sh"), str(shared)], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert (shared / "server.crt").stat().st_uid == 101 and (shared / "ca.crt").stat().st_mode & 0o004
+    finally:
+        shutil.rmtree(shared)
 
 
 @pytest.mark.local

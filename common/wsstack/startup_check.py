@@ -8,7 +8,14 @@ or loads the app; a non-zero exit stops uWSGI with the message printed here.
    serves and never exits.
 2. SSL. uWSGI computes Sec-WebSocket-Accept with OpenSSL's SHA-1; a binary compiled
    without libssl-dev lacks it, and every `uwsgi.websocket_handshake()` fails.
-3. Patches. A stock uWSGI (`uwsgi --version` without the -wsstack label of
+3. Option names (`--options`, run earlier, see below). uWSGI turns every UWSGI_<NAME>
+   variable into the option <name> and, in strict mode (uwsgi-base.ini), exits on one it does
+   not know with a one-line "[strict-mode] unknown config directive". Kubernetes injects
+   such variables for every Service of the namespace unless the pod sets
+   `enableServiceLinks: false`: the Service uwsgi-app brings UWSGI_APP_SERVICE_HOST,
+   UWSGI_APP_PORT and more, and every pod crash-loops. This names each offending variable
+   and what to do about it.
+4. Patches. A stock uWSGI (`uwsgi --version` without the -wsstack label of
    common/uwsgi-patches/0008) has the WebSocket defects the patch set fixes; one client can
    crash a worker. WSSTACK_ALLOW_STOCK_UWSGI=1 lets it start anyway (for comparisons).
 
@@ -18,9 +25,16 @@ creates gevent's loop before the fork. Every worker then shares that loop's wake
 eventfd, a signal meant for one worker can be consumed by another, and a graceful stop
 hangs until the loop's next timer.
 
+Strict mode refuses an unknown option while uWSGI applies its configuration, before any
+`exec-asap` command runs, so the option-name check cannot be one: uwsgi-base.ini reads
+`ini = exec://... --options` first, which uWSGI runs while it reads its ini files (before it
+applies anything). uWSGI ignores that command's exit status; the check prints its message
+to stderr and to stdout only `strict = true`, and strict mode then stops uWSGI.
+
 Standard library only: it runs under whatever `python3` is on PATH.
 """
 import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +82,50 @@ def check_environment(environ):
         raise StartupError(f"{', '.join(ports)} must use different ports, got {ports}")
 
 
+# Variables uWSGI's parse_sys_envs() (core/utils.c) skips: its own internal state, not options.
+UWSGI_INTERNAL_VARIABLES = {"UWSGI_RELOADS", "UWSGI_VASSALS_DIR", "UWSGI_EMPEROR_FD", "UWSGI_BROODLORD_NUM",
+                            "UWSGI_EMPEROR_FD_CONFIG", "UWSGI_EMPEROR_PROXY", "UWSGI_JAIL_PID",
+                            "UWSGI_ORIGINAL_PROC_NAME"}
+# What the kubelet injects for a Service named S (S upper-cased, "-" as "_"): S_SERVICE_HOST,
+# S_SERVICE_PORT[_<PORT NAME>], S_PORT, S_PORT_<n>_<PROTO>[_PROTO|_PORT|_ADDR].
+SERVICE_LINK = re.compile(r"(?P<service>[A-Z0-9_]+?)_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)(_PROTO|_PORT|_ADDR)?)?)")
+
+
+def option_name(variable):
+    """The uWSGI option a UWSGI_* variable sets (core/utils.c env_to_arg: lower case, _ as -)."""
+    return variable[len("UWSGI_"):].lower().replace("_", "-")
+
+
+def known_options(binary):
+    """Every option this uWSGI binary accepts (its --help lists them, plugins' included)."""
+    # Without any UWSGI_* variable: the listing must not depend on what is being checked.
+    environ = {name: value for name, value in os.environ.items() if not name.startswith("UWSGI_")}
+    result = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10, env=environ)
+    options = set(re.findall(r"^\s+(?:-\w\|)?--([a-z0-9][a-z0-9-]*)", result.stdout, re.M))
+    if len(options) < 100:  # a binary that did not list its options: refuse rather than guess
+        raise StartupError(f"could not read the options of {binary} from its --help")
+    return options
+
+
+def check_option_names(environ, options):
+    """Raise StartupError naming every UWSGI_* variable that is not an option of this uWSGI."""
+    unknown = sorted(name for name in environ if name.startswith("UWSGI_")
+                     and name not in UWSGI_INTERNAL_VARIABLES and option_name(name) not in options)
+    if not unknown:
+        return
+    lines = []
+    for name in unknown:
+        link = SERVICE_LINK.fullmatch(name)
+        if link:
+            service = link.group("service").lower().replace("_", "-")
+            lines.append(f"{name}: not a uWSGI option; it looks like a Kubernetes service link variable of "
+                         f"the Service {service!r}. Set enableServiceLinks: false in the pod spec")
+        else:
+            lines.append(f"{name}: not a uWSGI option (uWSGI reads every UWSGI_* variable as the option "
+                         f"{option_name(name)!r}); unset or rename it")
+    raise StartupError("uWSGI would refuse these environment variables in strict mode:\n  " + "\n  ".join(lines))
+
+
 def parent_uwsgi_binary():
     """The executable of the uWSGI process that ran us (through `sh -c` or directly)."""
     pid = os.getppid()
@@ -107,6 +165,16 @@ def require_patches(binary, environ):
 
 
 def main():
+    if sys.argv[1:] == ["--options"]:
+        # uWSGI reads this output as an ini file and warns about one without an option: restate
+        # strict mode, which is what stops uWSGI after a failed check.
+        print("[uwsgi]\nstrict = true")
+        try:
+            check_option_names(os.environ, known_options(parent_uwsgi_binary()))
+        except StartupError as exc:
+            print(f"startup check failed: {exc}", file=sys.stderr)
+            return 1
+        return 0
     try:
         check_environment(os.environ)
         binary = parent_uwsgi_binary()

@@ -13,7 +13,7 @@ host_mirror=$(awk '/^URIs:/ && $2 !~ /security/ { print $2; exit }' /etc/apt/sou
 mirror=${DEBIAN_MIRROR:-${host_mirror:-http://deb.debian.org/debian}}
 prefix=localhost/websockets-behind-nginx-standin
 # Everything the three stand-ins need, in one root filesystem they share as a base layer.
-packages=python3,python3-venv,python3-pip,python3-dev,python-is-python3,gcc,libc6-dev,libssl-dev,patch,nginx,gettext-base,curl,redis-server,redis-tools,ca-certificates
+packages=python3,python3-venv,python3-pip,python3-dev,python-is-python3,gcc,libc6-dev,libssl-dev,patch,nginx,gettext-base,curl,redis-server,redis-tools,ca-certificates,tini
 
 key=$(printf '%s %s' "$packages" "$(cat "$0")" | sha256sum | cut -c1-12)
 base="$prefix/base:$key"
@@ -27,6 +27,11 @@ if [ ! -s "$rootfs_tar" ]; then
     echo "standins: debootstrap bookworm into $rootfs" >&2
     debootstrap --variant=minbase --include="$packages" bookworm "$rootfs" "$mirror" >"$cache/debootstrap.log" 2>&1 \
         || { tail -20 "$cache/debootstrap.log" >&2; exit 1; }
+    # debootstrap can leave the chroot's /proc mounted (seen once a package's maintainer script
+    # ran in it); the tarball must hold the file system only, and rm must be able to remove it.
+    for mounted in proc sys dev/pts dev; do
+        if mountpoint -q "$rootfs/$mounted"; then umount "$rootfs/$mounted"; fi
+    done
     # Offline apt: an empty local repository, so `apt-get update` succeeds without network and
     # `apt-get install` of the packages already present is a no-op.
     rm -f "$rootfs"/etc/apt/sources.list "$rootfs"/etc/apt/sources.list.d/*
