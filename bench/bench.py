@@ -114,8 +114,9 @@ def nginx_env(stack_env, port, uwsgi_upstream, flask_upstream, resolver):
     """The environment that renders an nginx of the bench's own from the project's template:
     the stack's limits (lifted), its own ports, the given upstreams."""
     env = {k: v for k, v in stack_env.items() if not k.startswith("NGINX_")}
-    env.update({k: v for k, v in stack_env.items() if k.startswith(("NGINX_WS_", "NGINX_AUTH_"))})
+    env.update({k: v for k, v in stack_env.items() if k.startswith(("NGINX_WS_", "NGINX_AUTH_", "NGINX_REAL_IP_"))})
     run_dir = Path(stack_env["LOCAL_RUN_DIR"])
+    env.setdefault("NGINX_REAL_IP_FROM", stack_runner.DEFAULTS["NGINX_REAL_IP_FROM"])  # no proxy in front
     env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(port),
                NGINX_STATUS_PORT=str(free_port()),
                NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=uwsgi_upstream,

@@ -79,9 +79,13 @@ def test_a_client_that_stops_reading_is_closed_with_1013_once_the_backlog_is_ful
         with connect(f"{base}/ws/chat?room={room}", subprotocols=protocols(token("sender")["token"]),
                      max_queue=None, **NO_CLIENT_PINGS) as sender:
             read_until(sender, "presence")
-            text = "x" * 4000
-            for _ in range(4000):  # 16 MB: more than the socket buffers between them hold
-                sender.send(json.dumps({"type": "message", "text": text}))
+            # 16 MB: more than the socket buffers between them hold. In batches of 100, each
+            # read back before the next, so that the sender itself never falls behind.
+            for batch in range(40):
+                for i in range(100):
+                    sender.send(json.dumps({"type": "message", "text": f"{batch}-{i}-".ljust(4000, "x")}))
+                while not json.loads(sender.recv(timeout=30)).get("text", "").startswith(f"{batch}-99-"):
+                    pass
             read_messages = 0
             while True:
                 frame = slow.recv_frame(timeout=30)
