@@ -13,7 +13,6 @@ import time
 import urllib.parse
 
 import pytest
-import redis
 
 pytest.register_assert_rewrite("browser_support")  # before the import below, which is also the plugin's
 from browser_support import expect
@@ -32,6 +31,13 @@ OTHER = {"uwsgi": "flask", "flask": "uwsgi"}
 def redis_url():
     """The shared stack's Redis: the restarted app and the other backend share the rooms."""
     return f"redis://127.0.0.1:{os.environ.get('LOCAL_REDIS_PORT', '6379')}/0"
+
+
+def redis_client(url):
+    # Imported here: the tests image has no redis-py, and it collects this module too.
+    import redis
+
+    return redis.Redis.from_url(url)
 
 
 def ids(demo):
@@ -236,7 +242,7 @@ def test_chat_resumes_after_a_backend_restart_without_gaps_or_duplicates(open_pa
             resumed = query(chat_urls[-1])
             assert resumed.get("last_id") == [last_before], chat_urls
             # ...with the epoch that last_id came from: the room's, which nothing replaced.
-            epoch = redis.Redis.from_url(redis_url).get(f"chat:{room}:epoch")
+            epoch = redis_client(redis_url).get(f"chat:{room}:epoch")
             assert epoch is not None and resumed.get("epoch") == [epoch.decode()], (chat_urls, epoch)
             expect(demo.recovery).to_be_hidden()
             # The page's own URLs follow the page's host (this nginx's port), not a fixed one.
@@ -291,7 +297,7 @@ def test_incomplete_recovery_shows_a_notice(open_page, redis_url, loss):
     expect(demo.recovery).to_be_hidden()
 
     away.leave()
-    store = redis.Redis.from_url(redis_url)
+    store = redis_client(redis_url)
     if loss == "recreated":
         store.delete(f"chat:{room}", f"chat:{room}:epoch")
     with ChatClient("flask", room, "frank") as frank:
