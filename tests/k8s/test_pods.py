@@ -155,7 +155,7 @@ class Listener(threading.Thread):
         while True:
             try:
                 client = ChatClient(self.backend, self.room, self.user,
-                                    url=chat_url(self.backend, self.room, self.user, self.last_id))
+                                    url=chat_url(self.backend, self.room, self.last_id))
             except (OSError, InvalidStatus, ConnectionClosed) as exc:
                 if time.monotonic() > deadline:
                     raise
