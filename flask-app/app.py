@@ -8,7 +8,7 @@ Routes (nginx mounts them under /flask/):
 import gevent
 from flask import Flask, Response
 
-from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket, uwsgi
+from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
 from wsstack import auth, chat, health, metrics, ratelimit, uwsgi_options
 
 APP_NAME = "flask-app"
@@ -66,8 +66,7 @@ def chat_room(client):
     finally:
         if forwarder is not None:
             forwarder.kill()
-        # (code, sent by the peer) of the first close frame (uWSGI patch 0011); stock: None
-        session.end(getattr(uwsgi, "websocket_close_status", lambda: None)())
+        session.end(uwsgi_options.close_status())
 
 
 def forward_live_messages(session, client):

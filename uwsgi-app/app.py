@@ -66,7 +66,7 @@ def chat_room(environ, start_response):
         try:
             converse(session)
         finally:
-            session.end(close_status())
+            session.end(uwsgi_options.close_status())
 
     return accept(environ, start_response, talk, check=CHAT_CHECK)
 
@@ -125,11 +125,6 @@ def converse(session):
     finally:
         watcher.stop()
         watcher.close()
-
-
-def close_status():
-    # (code, sent by the peer) of the first close frame (patch 0011); a stock uWSGI cannot say
-    return getattr(uwsgi, "websocket_close_status", lambda: None)()
 
 
 def send_text(text):

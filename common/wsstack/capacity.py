@@ -16,7 +16,7 @@ start-up (need-app).
 import contextlib
 import os
 
-from wsstack import http, metrics
+from wsstack import http, metrics, uwsgi_options
 from wsstack.settings import whole_number
 from wsstack.uwsgi_options import gevent_cores
 
@@ -97,7 +97,6 @@ def upgrade(environ, start_response, on_open):
         try:
             on_open()
         finally:
-            # From the project's patch 0011; a stock uWSGI cannot say, and counts as no close frame.
-            close_status = getattr(uwsgi, "websocket_close_status", lambda: None)
-            metrics.connection_closed(close_status())
+            # A stock uWSGI cannot say (patch 0011), and counts as no close frame.
+            metrics.connection_closed(uwsgi_options.close_status())
         return []

@@ -35,3 +35,11 @@ def gevent_cores():
     """Gevent cores per worker (None when not running under uWSGI's gevent loop)."""
     value = option("gevent")
     return int(value) if value else None
+
+
+def close_status():
+    """(code, sent by the peer) of this connection's first close frame, or None (no close
+    frame, or a stock uWSGI, which cannot say: patch 0011)."""
+    import uwsgi
+
+    return getattr(uwsgi, "websocket_close_status", lambda: None)()
