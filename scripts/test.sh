@@ -52,7 +52,8 @@ for app in uwsgi flask; do
 done
 
 status=0
-.venv/bin/python -m pytest -c tests/pytest.ini "$@" || status=$?
+# --durations: the slowest tests in every run's output, where the suite's time goes.
+.venv/bin/python -m pytest -c tests/pytest.ini --durations=15 "$@" || status=$?
 if [ "$status" -eq 5 ]; then
     echo "test: pytest collected no tests; that is a failure here" >&2
     status=1

@@ -9,7 +9,8 @@ import uuid
 
 from websockets.sync.client import connect
 
-from stack import BASE_URL, ws_url
+import stack
+from stack import ws_url
 from wsstack.rawws import RawWebSocket
 
 BACKENDS = ("uwsgi", "flask")
@@ -31,7 +32,7 @@ def request_token(name, ttl=None, renew=None, timeout=60):
         headers["Authorization"] = f"Bearer {renew}"
     deadline = time.monotonic() + timeout
     while True:
-        request = urllib.request.Request(f"{BASE_URL}/auth/token", data=json.dumps(body).encode(), headers=headers)
+        request = urllib.request.Request(f"{stack.BASE_URL}/auth/token", data=json.dumps(body).encode(), headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
                 return response.status, json.loads(response.read())

@@ -55,7 +55,9 @@ leftovers() {
     podman ps -a --filter "label=io.podman.compose.project=$project" --format '{{.Names}}'
     podman network ls --format '{{.Name}}' | grep -F "${project}_" || true
     podman volume ls --filter "label=io.podman.compose.project=$project" --format '{{.Name}}'
-    podman images --format '{{.Repository}}:{{.Tag}}' | grep -F websockets-behind-nginx || true
+    if [ "${COMPOSE_TEST_KEEP_IMAGES:-0}" != 1 ]; then
+        podman images --format '{{.Repository}}:{{.Tag}}' | grep -F websockets-behind-nginx || true
+    fi
 }
 teardown() {
     status=$?
@@ -73,10 +75,14 @@ teardown() {
     # As `make compose-down` does: the apps first, so their close 1001 still passes through nginx.
     "${compose[@]}" stop -t 20 uwsgi-app flask-app >"$log_dir/down.log" 2>&1
     "${compose[@]}" down --volumes --remove-orphans -t 20 >>"$log_dir/down.log" 2>&1
-    podman rmi --force $(images) "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
-    # Untagged build stages and layers this run left behind.
-    comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort) \
-        | xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1
+    # COMPOSE_TEST_KEEP_IMAGES=1 (.ci/run, before make test-k8s): the images and their build
+    # layers stay, so test-k8s's build of the same Dockerfiles is a cache hit; it removes them.
+    if [ "${COMPOSE_TEST_KEEP_IMAGES:-0}" != 1 ]; then
+        podman rmi --force $(images) "$PYTHON_IMAGE" "$NGINX_IMAGE" "$REDIS_IMAGE" "$STANDIN_BASE" >/dev/null 2>&1
+        # Untagged build stages and layers this run left behind.
+        comm -13 <(echo "$dangling_before") <(podman images --quiet --filter dangling=true | sort) \
+            | xargs --no-run-if-empty podman rmi --force >/dev/null 2>&1
+    fi
     left=$(leftovers)
     if [ -n "$left" ]; then
         echo "test-compose: left behind after down: $left" >&2

@@ -25,12 +25,16 @@ APPS = {"uwsgi-app": "uwsgi", "flask-app": "flask"}
 
 @pytest.fixture(autouse=True)
 def through_an_nginx_pod(cluster, monkeypatch):
-    """The suite's URL helpers (stack.py, chat_client.py) aimed at an nginx pod's address."""
+    """The suite's URL helpers (stack.py, chat_client.py) aimed at an nginx pod's address, and
+    no token kept from another cluster: main.py runs every kustomization in one process, and
+    each cluster's Redis holds a signing secret of its own (their nginx pods may share an address)."""
+    import chat_client
     import stack
 
     nginx = cluster.deployments["nginx"].ready_pods()[0]
     monkeypatch.setattr(stack, "WS_BASE_URL", f"ws://{nginx.ip}:8080")
     monkeypatch.setattr(stack, "BASE_URL", f"http://{nginx.ip}:8080")
+    monkeypatch.setattr(chat_client, "_tokens", {})
 
 
 def inspect(podman_id):
