@@ -91,12 +91,20 @@ WORKLOADS = ("idle", "echo", "fanout", "handshakes", "resume", "reconnect")
 KEY_CELL = (50, 32)  # connections, bytes: the cell P1-P3 compare
 
 
-def free_port():
+def free_ports(count):
+    """`count` distinct free ports (each socket bound until all are picked)."""
+    import contextlib
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
+
+
+def free_port():
+    return free_ports(1)[0]
 
 
 def progress(text):
@@ -145,8 +153,9 @@ class Stack:
         self.processes = []
 
     def __enter__(self):
-        self.ports = {name: free_port() for name in ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", "reference",
-                                                      "reference_nginx")}
+        names = ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", "reference", "reference_nginx",
+                 *stack_runner.INTERNAL_PORT_SETTINGS)
+        self.ports = dict(zip(names, free_ports(len(names))))
         per_app = self.settings["idle"] // 2
         # Room for every idle connection on one worker (uWSGI does not balance accepts evenly),
         # and the cap must stay below the gevent cores (wsstack.capacity).
@@ -159,7 +168,7 @@ class Stack:
                    UWSGI_PROCESSES=str(self.settings["processes"]), UWSGI_GEVENT=str(cores),
                    WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100),
                    # the internal status, metrics and stats ports: free ones too, never the defaults
-                   **{name: str(free_port()) for name in stack_runner.INTERNAL_PORT_SETTINGS})
+                   **{name: str(self.ports[name]) for name in stack_runner.INTERNAL_PORT_SETTINGS})
         self.stack_env = env
         log = open(self.run_dir / "stack.log", "w")
         # Run from scripts/ as `stack.py`, not by its path: on a shared machine a developer's
@@ -480,7 +489,7 @@ class Replicas:
         self.stack, self.app, self.count, self.window_ms = stack, app, count, window_ms
         self.dir = stack.run_dir / f"replicas-{app}"
         self.dir.mkdir(exist_ok=True)
-        self.port, self.nginx_port, self.dns_port = free_port(), free_port(), free_port()
+        self.port, self.nginx_port, self.dns_port = free_ports(3)
         self.hosts = [f"127.0.0.{r}" for r in range(1, count + 1)]
         self.masters = {}
         self.others = []

@@ -74,11 +74,20 @@ def render_nginx(tmp_path, **overrides):
 
 
 def free_port():
+    return free_ports(1)[0]
+
+
+def free_ports(count):
+    """`count` distinct free ports: each socket stays bound until all are picked, since the
+    kernel may hand a port that was just released straight back."""
+    import contextlib
     import socket
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in socks]
 
 
 def run_python(code, *paths, timeout=60):

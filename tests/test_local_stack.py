@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from local_processes import start_app, wait_healthy
-from repo import REPO, VENV_BIN, free_port, load_stack_module
+from repo import REPO, VENV_BIN, free_port, free_ports, load_stack_module
 
 pytestmark = pytest.mark.local
 
@@ -23,12 +23,9 @@ APPS = ["uwsgi-app", "flask-app"]
 
 def stack_env(tmp_path, **overrides):
     env = dict(os.environ)
-    env.update(
-        NGINX_PORT=str(free_port()), NGINX_TLS_PORT=str(free_port()), LOCAL_UWSGI_APP_PORT=str(free_port()),
-        LOCAL_FLASK_APP_PORT=str(free_port()), LOCAL_REDIS_PORT=str(free_port()), LOCAL_DNS_PORT=str(free_port()),
-        LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3",
-        **{name: str(free_port()) for name in load_stack_module().INTERNAL_PORT_SETTINGS},
-    )
+    names = load_stack_module().PORT_SETTINGS
+    env.update(zip(names, map(str, free_ports(len(names)))))
+    env.update(LOCAL_RUN_DIR=str(tmp_path / "run"), UWSGI_WORKER_RELOAD_MERCY="3")
     env.update(overrides)
     return env
 
