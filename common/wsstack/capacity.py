@@ -15,6 +15,8 @@ start-up (need-app).
 """
 import contextlib
 import os
+import re
+import sys
 
 from wsstack import http, metrics, uwsgi_options
 from wsstack.settings import whole_number
@@ -98,5 +100,21 @@ def upgrade(environ, start_response, on_open):
             on_open()
         finally:
             # A stock uWSGI cannot say (patch 0011), and counts as no close frame.
-            metrics.connection_closed(uwsgi_options.close_status())
+            status = uwsgi_options.close_status()
+            metrics.connection_closed(status)
+            print(close_log_line(environ, status), file=sys.stderr, flush=True)
         return []
+
+
+def close_log_line(environ, status):
+    """The line a WebSocket's end writes: its close code, and the same client address and
+    request id as the request log's line (common/uwsgi-base.ini), which comes right after it.
+    Header values are cut at any whitespace or control character: a request that did not come
+    through nginx (which sets both) cannot add fields or lines of its own."""
+    code, initiator = ("1006", "none") if status is None else (status[0], "client" if status[1] else "server")
+
+    def field(name):
+        return re.match(r"[!-~]*", environ.get(name, "")).group()[:64]
+
+    return (f"websocket closed code={code} initiator={initiator} client={field('HTTP_X_REAL_IP')} "
+            f"request_id={field('HTTP_X_REQUEST_ID')}")
