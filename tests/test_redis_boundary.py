@@ -6,14 +6,16 @@ noeviction, an append-only file with REDIS_APPENDONLY=yes. The compose stack's R
 checked from the host in tests/compose/test_containers.py."""
 import json
 import os
+import subprocess
 import time
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
 from chat_client import BACKENDS, ChatClient, chat_url, new_room, token
-from local_processes import running_app
+from local_processes import running_app, start_app, stop
 from local_redis import APP_USER, OwnRedis, admin, cli
+from repo import REPO
 from stack import http_get
 
 pytestmark = pytest.mark.local
@@ -165,3 +167,41 @@ def test_with_appendonly_a_restarted_redis_keeps_the_history_and_the_epoch(tmp_p
     finally:
         if redis.process.poll() is None:
             redis.stop()
+
+
+def password_file_cases(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    unreadable = tmp_path / "directory"
+    unreadable.mkdir()
+    return [(str(tmp_path / "missing"), "cannot read"), (str(empty), "empty"), (str(unreadable), "")]
+
+
+@pytest.mark.parametrize("app", ["uwsgi-app", "flask-app"])
+def test_an_app_refuses_to_start_without_a_readable_redis_password(tmp_path, app):
+    for index, (path, reason) in enumerate(password_file_cases(tmp_path)):
+        log = tmp_path / f"app-{index}.log"
+        process, _url = start_app(app, log, REDIS_PASSWORD_FILE=path)
+        try:
+            assert process.wait(timeout=30) != 0, path
+        finally:
+            stop(process)
+        text = log.read_text()
+        assert f"REDIS_PASSWORD_FILE={path}" in text and reason in text, text[-2000:]
+
+
+def test_redis_refuses_to_start_without_a_readable_password_or_with_bad_settings(tmp_path):
+    good = dict(os.environ, REDIS_USERNAME="chat", REDIS_PASSWORD_FILE=str(tmp_path / "pw"),
+                REDIS_MAXMEMORY="64mb", REDIS_APPENDONLY="no")
+    (tmp_path / "pw").write_text("a password\n")
+    cases = [({"REDIS_PASSWORD_FILE": path}, "REDIS_PASSWORD_FILE") for path, _ in password_file_cases(tmp_path)]
+    cases += [({"REDIS_PASSWORD_FILE": ""}, "REDIS_PASSWORD_FILE is not set"),
+              ({"REDIS_MAXMEMORY": "0"}, "REDIS_MAXMEMORY=0"), ({"REDIS_MAXMEMORY": "lots"}, "REDIS_MAXMEMORY=lots"),
+              ({"REDIS_APPENDONLY": "sometimes"}, "REDIS_APPENDONLY=sometimes"),
+              ({"REDIS_USERNAME": "default"}, "reserved"), ({"REDIS_USERNAME": "a b"}, "letters, digits"),
+              ({"REDIS_ADMIN_PASSWORD_FILE": str(tmp_path / "missing")}, "REDIS_ADMIN_PASSWORD_FILE")]
+    for overrides, message in cases:
+        # Each is refused before redis-server starts (which would otherwise keep running).
+        result = subprocess.run(["sh", str(REPO / "redis" / "redis-start.sh"), "--port", "0"],
+                                env=dict(good, **overrides), capture_output=True, text=True, timeout=10)
+        assert result.returncode == 2 and message in result.stderr, (overrides, result)
