@@ -90,6 +90,11 @@ def test_redis_starts_from_compose_script_with_compose_settings():
     env = {item["name"]: item["value"] for item in container["env"]}
     assert env == {k: compose_value(v) for k, v in compose()["services"]["redis"]["environment"].items()}
     assert container["args"] == ["sh", "/usr/local/lib/redis-start/redis-start.sh"]
+    # Compose's healthcheck, from the same script.
+    health = compose()["services"]["redis"]["healthcheck"]["test"]
+    assert health == ["CMD", "sh", "/usr/local/lib/redis-start.sh", "--health"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == [*container["args"], "--health"], probe
     start = next(v for v in pod_spec("k8s/base", "redis")["volumes"] if v["name"] == "start")
     script = objects("k8s/base", "ConfigMap")[start["configMap"]["name"]]["data"]["redis-start.sh"]
     assert script == (REPO / "redis" / "redis-start.sh").read_text()

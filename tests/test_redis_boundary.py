@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from chat_client import BACKENDS, ChatClient, chat_url, new_room, token
 from local_processes import running_app, start_app, stop
-from local_redis import APP_USER, OwnRedis, admin, cli
+from local_redis import APP_PASSWORD_FILE, APP_USER, OwnRedis, admin, cli
 from repo import REPO
 from stack import http_get
 
@@ -205,3 +205,18 @@ def test_redis_refuses_to_start_without_a_readable_password_or_with_bad_settings
         result = subprocess.run(["sh", str(REPO / "redis" / "redis-start.sh"), "--port", "0"],
                                 env=dict(good, **overrides), capture_output=True, text=True, timeout=10)
         assert result.returncode == 2 and message in result.stderr, (overrides, result)
+
+
+def test_the_healthcheck_pings_as_the_apps_user(own_redis, tmp_path):
+    """redis-start.sh --health, compose's healthcheck and the Kubernetes probes: PONG needs the
+    apps' password (an unauthenticated PING gets NOAUTH)."""
+    def health(password_file):
+        env = dict(os.environ, REDIS_USERNAME=APP_USER, REDIS_PASSWORD_FILE=str(password_file))
+        return subprocess.run(["sh", str(REPO / "redis" / "redis-start.sh"), "--health", "-p", str(own_redis.port)],
+                              env=env, capture_output=True, text=True, timeout=10)
+
+    assert health(APP_PASSWORD_FILE).returncode == 0
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not the password\n")
+    result = health(wrong)
+    assert result.returncode != 0 and "WRONGPASS" in result.stderr + result.stdout, result

@@ -12,6 +12,7 @@
 # The configuration reaches redis-server on its standard input, each password only as its
 # SHA-256: no password or hash is on a command line, in the environment or in a file of ours.
 # Arguments go to redis-server after the configuration (local mode's --bind, --port, --dir).
+# With --health it checks a running Redis instead (the healthchecks).
 set -eu
 
 fail() {
@@ -34,6 +35,17 @@ required() {
     [ -n "$value" ] || fail "$1 is not set"
     printf %s "$value"
 }
+
+# `redis-start.sh --health`: the healthcheck (compose, the Kubernetes probes). PONG for the
+# apps' user; the default user may not even PING.
+# Further arguments go to redis-cli (-p PORT).
+if [ "${1-}" = --health ]; then
+    shift
+    REDISCLI_AUTH=$(cat -- "$(required REDIS_PASSWORD_FILE)")
+    export REDISCLI_AUTH
+    [ "$(redis-cli --no-auth-warning --user "$(required REDIS_USERNAME)" "$@" ping)" = PONG ]
+    exit
+fi
 
 user=$(required REDIS_USERNAME)
 case $user in
