@@ -2,7 +2,7 @@
 .DEFAULT_GOAL := help
 SHELL := /bin/bash
 
-.PHONY: help bootstrap run test test-compose test-k8s conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images clean compose-up compose-test compose-down
+.PHONY: help bootstrap run test test-compose test-k8s conformance autobahn fuzz fuzz-replay bench wheelhouse lock pin-images secrets clean compose-up compose-test compose-down
 
 help: ## list the targets
 	@grep -hE '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -60,16 +60,19 @@ LOCK_UPGRADE ?= 0
 pin-images: ## pin the base images (compose defaults, Dockerfiles, docs, kustomize images:) to their registry digests
 	scripts/pin-images.sh $(PIN_IMAGES_ARGS)
 
-# `make pin-images PIN_IMAGES_ARGS="REDIS_IMAGE=redis:7.4.2@sha256:..."` writes a digest you have.
+# `make pin-images PIN_IMAGES_ARGS="REDIS_IMAGE=redis:7.4.8@sha256:..."` writes a digest you have.
 PIN_IMAGES_ARGS ?=
 
 clean: ## remove the virtualenv and run-time files
 	rm -rf .venv .run
 
-compose-up: ## Docker: build and start the stack
+secrets: ## make the compose stack's secrets once (secrets/redis-password, git-ignored); compose-up runs it
+	scripts/make-secrets.sh
+
+compose-up: secrets ## Docker: build and start the stack
 	docker compose up --build
 
-compose-test: ## Docker: run the suite in the tests container against nginx
+compose-test: secrets ## Docker: run the suite in the tests container against nginx
 	NGINX_PROXY_READ_TIMEOUT=5s UWSGI_WEBSOCKETS_PING_FREQ=2 docker compose --profile test run --rm --build tests
 
 compose-down: ## Docker: stop and remove the stack (apps first: their WebSocket clients get close 1001 through nginx)

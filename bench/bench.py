@@ -169,6 +169,10 @@ class Stack:
                    WS_MAX_CONNECTIONS_PER_WORKER=str(cores - 100),
                    # the internal status, metrics and stats ports: free ones too, never the defaults
                    **{name: str(self.ports[name]) for name in stack_runner.INTERNAL_PORT_SETTINGS})
+        # The Redis passwords stack.py makes in its run dir: the replicas started here log in
+        # with the apps' one, stream_ids() with the admin's.
+        self.secrets_dir = self.run_dir / "stack" / "secrets"
+        env["REDIS_PASSWORD_FILE"] = str(self.secrets_dir / "redis-password")
         self.stack_env = env
         log = open(self.run_dir / "stack.log", "w")
         # Run from scripts/ as `stack.py`, not by its path: on a shared machine a developer's
@@ -584,7 +588,8 @@ class Replicas:
 
 
 def stream_ids(stack, room):
-    client = redis.Redis(port=stack.ports["redis"])
+    client = redis.Redis(port=stack.ports["redis"], username="admin",
+                         password=(stack.secrets_dir / "redis-admin-password").read_text().rstrip("\n"))
     try:
         return [entry_id.decode() for entry_id, _fields in client.xrange(chat_store.messages_key(room))]
     finally:

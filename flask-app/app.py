@@ -12,7 +12,7 @@ from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
 from wsstack import auth, chat, health, metrics, ratelimit, uwsgi_options
 
 APP_NAME = "flask-app"
-HUB = chat.Hub(health.REDIS_URL)
+HUB = chat.Hub(health.REDIS_URL, health.REDIS_CREDENTIALS)
 VERIFIER = auth.Verifier.from_environment(HUB.redis)
 
 app = Flask(__name__)

@@ -15,6 +15,7 @@ process of a stopped stack survives.
 import ipaddress
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -59,6 +60,10 @@ DEFAULTS = {
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
     "LOCAL_REDIS_PORT": "6379",
+    # Redis (redis/redis-start.sh); the passwords are made in LOCAL_RUN_DIR/secrets on first start.
+    "REDIS_USERNAME": "chat",
+    "REDIS_MAXMEMORY": "160mb",
+    "REDIS_APPENDONLY": "no",
     "LOCAL_DNS_PORT": "8053",
     "LOCAL_RUN_DIR": str(REPO / ".run"),
     "LOCAL_STARTUP_TIMEOUT": "60",
@@ -138,6 +143,7 @@ def load_settings(environ):
         raise ConfigError(f"NGINX_WS_CONNECTIONS_PER_IP={settings['NGINX_WS_CONNECTIONS_PER_IP']} must be at most 65535")
     check_tls_settings(settings)
     check_real_ip_from(settings)
+    check_redis_settings(settings)
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     if nginx_seconds("NGINX_RESOLVER_VALID", settings["NGINX_RESOLVER_VALID"]) < 1:
         raise ConfigError("NGINX_RESOLVER_VALID must be at least 1s")
@@ -148,6 +154,31 @@ def load_settings(environ):
             "or nginx closes idle WebSockets between two pings"
         )
     return settings
+
+
+def check_redis_settings(settings):
+    """redis/redis-start.sh checks the same in the containers."""
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", settings["REDIS_USERNAME"]) or settings["REDIS_USERNAME"] in ("default", "admin"):
+        raise ConfigError(f"REDIS_USERNAME={settings['REDIS_USERNAME']!r} must be letters, digits, _ and - "
+                          "(default and admin are reserved)")
+    if not re.fullmatch(r"[1-9][0-9]*([kmg]b?|b)?", settings["REDIS_MAXMEMORY"], re.I):
+        raise ConfigError(f"REDIS_MAXMEMORY={settings['REDIS_MAXMEMORY']!r} is not a size such as 160mb")
+    if settings["REDIS_APPENDONLY"] not in ("yes", "no"):
+        raise ConfigError(f"REDIS_APPENDONLY={settings['REDIS_APPENDONLY']!r} must be yes or no")
+
+
+def redis_password_files(run_dir):
+    """(the apps' password file, the admin's): random passwords made on first start, kept
+    across restarts (a Redis with REDIS_APPENDONLY=yes outlives a stop), mode 0600."""
+    secrets_dir = run_dir / "secrets"
+    secrets_dir.mkdir(mode=0o700, exist_ok=True)
+    paths = secrets_dir / "redis-password", secrets_dir / "redis-admin-password"
+    for path in paths:
+        if not path.exists():
+            # O_EXCL: never over a file that appeared meanwhile; no moment of wider permissions.
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as handle:
+                handle.write(secrets.token_urlsafe(32) + "\n")
+    return paths
 
 
 def check_real_ip_from(settings):
@@ -242,12 +273,25 @@ class Service:
         self.process.wait()
 
 
-def redis_ready(port):
+def resp_command(*args):
+    parts = [arg.encode() for arg in args]
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
+
+
+def redis_ready(port, username, password_file):
+    """PONG for the apps' user: its password works (the default user may run nothing)."""
     def check():
+        password = Path(password_file).read_text().rstrip("\n")
         with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-            sock.sendall(b"PING\r\n")
-            if not sock.recv(64).startswith(b"+PONG"):
-                raise RuntimeError("redis did not answer PONG")
+            sock.sendall(resp_command("AUTH", username, password) + resp_command("PING"))
+            reply = b""
+            while reply.count(b"\r\n") < 2:
+                chunk = sock.recv(256)
+                if not chunk:
+                    break
+                reply += chunk
+            if reply != b"+OK\r\n+PONG\r\n":
+                raise RuntimeError(f"redis answered {reply[:80]!r} to AUTH and PING")
 
     return check
 
@@ -305,6 +349,9 @@ def build_services(settings, instance_id):
     base_env["UWSGI_WEBSOCKETS_PING_FREQ"] = settings["UWSGI_WEBSOCKETS_PING_FREQ"]
     redis_port = int(settings["LOCAL_REDIS_PORT"])
     base_env["REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+    password_file, admin_password_file = redis_password_files(run_dir)
+    base_env["REDIS_USERNAME"] = settings["REDIS_USERNAME"]
+    base_env["REDIS_PASSWORD_FILE"] = str(password_file)
 
     dns_port = int(settings["LOCAL_DNS_PORT"])
     nginx_env = dict(base_env, NGINX_ENVSUBST_FILTER="^NGINX_")
@@ -328,9 +375,12 @@ def build_services(settings, instance_id):
             base_env, REPO, dns_ready(settings),
         ),
         Service(
-            "redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(redis_port), "--save", "",
-                      "--appendonly", "no", "--dir", str(redis_dir)],
-            base_env, REPO, redis_ready(redis_port),
+            # The containers' start script: the same users, limits and persistence.
+            "redis", ["sh", str(REPO / "redis" / "redis-start.sh"), "--bind", "127.0.0.1", "--port", str(redis_port),
+                      "--dir", str(redis_dir)],
+            dict(base_env, REDIS_ADMIN_PASSWORD_FILE=str(admin_password_file), REDIS_MAXMEMORY=settings["REDIS_MAXMEMORY"],
+                 REDIS_APPENDONLY=settings["REDIS_APPENDONLY"]),
+            REPO, redis_ready(redis_port, settings["REDIS_USERNAME"], password_file),
         )
     ]
     for app, (port_setting, metrics_setting, stats_setting) in APP_PORT_SETTINGS.items():

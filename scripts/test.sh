@@ -25,6 +25,10 @@ export NGINX_TLS_PORT=${NGINX_TLS_PORT:-8443}
 export STACK_TLS_BASE_URL=${STACK_TLS_BASE_URL:-https://127.0.0.1:${NGINX_TLS_PORT}}
 export STACK_TLS_CA_FILE=${STACK_TLS_CA_FILE:-$(realpath -m "${LOCAL_RUN_DIR:-.run}")/tls/ca.crt}
 export STACK_MODE=local
+# The apps a test starts of its own use the stack's Redis as the stack's apps do: the same
+# user and the password file scripts/stack.py makes (tests/local_redis.py reads the admin's).
+export REDIS_USERNAME=${REDIS_USERNAME:-chat}
+export REDIS_PASSWORD_FILE=$(realpath -m "${LOCAL_RUN_DIR:-.run}")/secrets/redis-password
 mkdir -p .run
 log=.run/stack-test.log
 

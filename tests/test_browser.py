@@ -34,10 +34,10 @@ def redis_url():
 
 
 def redis_client(url):
-    # Imported here: the tests image has no redis-py, and it collects this module too.
-    import redis
+    """The stack's Redis as its admin user (the default user may run nothing)."""
+    from local_redis import admin_client
 
-    return redis.Redis.from_url(url)
+    return admin_client(int(url.rsplit(":", 1)[1].split("/")[0]))
 
 
 def ids(demo):

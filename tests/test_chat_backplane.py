@@ -1,8 +1,6 @@
 """The chat's Redis backplane (local mode): replicas, room readers, and a Redis outage."""
 import json
 import os
-import signal
-import subprocess
 import time
 import urllib.parse
 
@@ -12,7 +10,7 @@ from websockets.sync.client import connect
 
 from chat_client import BACKENDS, ChatClient, new_room
 from local_processes import process_tree_cpu_seconds, running_app_process, running_nginx
-from repo import free_port
+from local_redis import REDIS_PORT, OwnRedis, cli
 from stack import http_get
 
 pytestmark = pytest.mark.local
@@ -20,7 +18,6 @@ pytestmark = pytest.mark.local
 REPLICAS = int(os.environ.get("LOCAL_REPLICAS", "1"))
 APP_PORTS = {"uwsgi": int(os.environ.get("LOCAL_UWSGI_APP_PORT", "8001")),
              "flask": int(os.environ.get("LOCAL_FLASK_APP_PORT", "8002"))}
-REDIS_PORT = int(os.environ.get("LOCAL_REDIS_PORT", "6379"))
 
 
 
@@ -29,7 +26,7 @@ def query(room, last_id=None):
 
 
 def redis_command(port, *args):
-    return subprocess.run(["redis-cli", "-p", str(port), *args], capture_output=True, text=True, timeout=10).stdout
+    return cli(*args, port=port, timeout=10).stdout
 
 
 def readers():
@@ -106,33 +103,6 @@ def test_each_process_holds_one_reader_for_all_its_rooms_and_drops_it_when_they_
         time.sleep(0.2)
 
 
-class OwnRedis:
-    """A redis-server of the test's own, persisting every write (appendfsync always), so a
-    restart keeps what it stored, as a production Redis with persistence would."""
-
-    def __init__(self, directory):
-        self.port, self.directory, self.process = free_port(), directory, None
-
-    def start(self):
-        self.process = subprocess.Popen(
-            ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port), "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while "PONG" not in redis_command(self.port, "PING"):
-            assert self.process.poll() is None and time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.1)
-
-    def stop(self):
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=10)
-
-    @property
-    def url(self):
-        return f"redis://127.0.0.1:{self.port}/0"
-
-
 def expect_close(client, code):
     with pytest.raises(ConnectionClosed) as closed:
         while True:  # messages already on their way may come first
@@ -143,7 +113,9 @@ def expect_close(client, code):
 
 
 def test_a_redis_outage_closes_chats_with_1013_keeps_echo_and_chat_resumes_after(tmp_path):
-    redis = OwnRedis(tmp_path)
+    # Persisting every write (appendfsync always), so a restart keeps what it stored, as a
+    # production Redis with persistence would.
+    redis = OwnRedis(tmp_path, appendonly="yes", extra=["--appendfsync", "always"])
     redis.start()
     apps = {}
     try:

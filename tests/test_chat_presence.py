@@ -5,7 +5,6 @@ many connections it has. Local mode: the list's cap, and a member of a crashed a
 disappearing within the stated bound (CHAT_PRESENCE_TTL x 4/3)."""
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -14,9 +13,9 @@ from websockets.exceptions import ConnectionClosed
 
 from chat_client import ChatClient, new_room, request_token, token
 from local_processes import running_app_process
+from local_redis import REDIS_PORT, cli
 
 PRESENCE_TTL = int(os.environ.get("CHAT_PRESENCE_TTL", "15"))
-REDIS_PORT = int(os.environ.get("LOCAL_REDIS_PORT", "6379"))
 
 
 def names(presence):
@@ -63,8 +62,7 @@ def test_the_member_list_is_capped_and_says_how_many_there_are():
     # 150 members of other processes, as Redis holds them, in one redis-cli session
     commands = "".join(f"ZADD chat:{room}:presence {far} u-fake-{i}\nHSET chat:{room}:names u-fake-{i} fake-{i}\n"
                        for i in range(150))
-    subprocess.run(["redis-cli", "-p", str(REDIS_PORT)], input=commands, capture_output=True, text=True,
-                   timeout=30, check=True)
+    assert cli(input=commands).returncode == 0
     with ChatClient("flask", room, "counted") as client:
         assert len(client.presence["members"]) == 100  # CHAT_PRESENCE_MAX
         assert client.presence["count"] == 151

@@ -10,15 +10,10 @@ import time
 import pytest
 
 from chat_client import BACKENDS, ChatClient, new_room
+from local_redis import ADMIN_PASSWORD_FILE, REDIS_PORT, cli, password
+from local_redis import admin as redis
 
-REDIS_PORT = int(os.environ.get("LOCAL_REDIS_PORT", "6379"))
 OTHER = {"uwsgi": "flask", "flask": "uwsgi"}
-
-
-def redis(*args):
-    result = subprocess.run(["redis-cli", "-p", str(REDIS_PORT), *args], capture_output=True, text=True, timeout=30)
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
 
 
 def say_and_see(client, *texts):
@@ -93,8 +88,7 @@ def test_a_resume_is_capped_at_the_newest_chat_resume_max_messages(backend):
         first = say_and_see(writer, "seen")[0]
     # 520 messages the client missed, written in one pipeline (faster than the rate limit allows).
     lines = "".join(f"XADD chat:{room} * user writer uid u-writer text missed-{i} via test\n" for i in range(520))
-    subprocess.run(["redis-cli", "-p", str(REDIS_PORT)], input=lines, capture_output=True, text=True, timeout=30,
-                   check=True)
+    assert cli(input=lines).returncode == 0
     with ChatClient(OTHER[backend], room, "writer", last_id=first["id"]) as back:
         # CHAT_RESUME_MAX (500): the newest ones, contiguous with what comes live.
         assert [m["text"] for m in back.history] == [f"missed-{i}" for i in range(20, 520)]
@@ -125,9 +119,10 @@ def test_the_resume_of_a_full_room_is_read_a_page_at_a_time():
     reads as XREVRANGE/XRANGE calls of at most one page (100) each."""
     room = new_room()
     lines = "".join(f"XADD chat:{room} * user w uid u-w text m{i} via test\n" for i in range(450))
-    subprocess.run(["redis-cli", "-p", str(REDIS_PORT)], input=lines, capture_output=True, text=True, timeout=30,
-                   check=True)
-    monitor = subprocess.Popen(["redis-cli", "-p", str(REDIS_PORT), "MONITOR"], stdout=subprocess.PIPE, text=True)
+    assert cli(input=lines).returncode == 0
+    monitor = subprocess.Popen(["redis-cli", "-p", str(REDIS_PORT), "--user", "admin", "--no-auth-warning", "MONITOR"],
+                               stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, REDISCLI_AUTH=password(ADMIN_PASSWORD_FILE)))
     try:
         time.sleep(0.5)
         with ChatClient("uwsgi", room, "resumer", last_id="0-0") as back:

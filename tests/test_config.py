@@ -1,6 +1,7 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 import yaml
@@ -126,6 +127,51 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
         assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
     # nginx must outlast the pings by default, not only in the tests' shortened setup.
     assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])
+
+
+def test_redis_starts_the_same_way_with_the_same_defaults_in_both_modes(local_services):
+    """One start script (redis/redis-start.sh) for the compose service and local mode, with
+    the same Redis settings; the apps' user and password file agree with the apps'."""
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    service = compose["services"]["redis"]
+    mounts = dict(reversed(v.rsplit(":", 2)[:2]) for v in service["volumes"] if v.endswith(":ro"))
+    assert service["command"][0] == "sh" and REPO / mounts[service["command"][1]] == REPO / "redis" / "redis-start.sh"
+    local = local_services["redis"]
+    assert local.argv[:2] == ["sh", str(REPO / "redis" / "redis-start.sh")]
+    stack = load_stack_module()
+    compose_env = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in service["environment"].items()}
+    for name in ("REDIS_USERNAME", "REDIS_MAXMEMORY", "REDIS_APPENDONLY"):
+        assert stack.DEFAULTS[name] == compose_env[name] == local.env[name], name
+    apps = {k: re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", str(v)) for k, v in compose["x-app-environment"].items()}
+    for name in ("REDIS_USERNAME", "REDIS_PASSWORD_FILE"):
+        assert apps[name] == compose_env[name] == dockerfile_env("uwsgi-app")[name] == dockerfile_env("flask-app")[name]
+    assert set(service["secrets"]) == set(compose["services"]["uwsgi-app"]["secrets"]) == {"redis-password"}
+    assert compose_env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis-password"
+    # Local mode: its own password files, never the compose one; the admin only here.
+    assert Path(local.env["REDIS_PASSWORD_FILE"]).parent == Path(local.env["REDIS_ADMIN_PASSWORD_FILE"]).parent
+    assert "REDIS_ADMIN_PASSWORD_FILE" not in service["environment"]
+
+
+def test_local_mode_makes_the_redis_passwords_once_readable_only_by_you(local_services, tmp_path):
+    local = local_services["redis"]
+    files = [Path(local.env["REDIS_PASSWORD_FILE"]), Path(local.env["REDIS_ADMIN_PASSWORD_FILE"])]
+    contents = [f.read_text() for f in files]
+    assert len(set(contents)) == 2 and all(len(c.strip()) >= 40 for c in contents)
+    for path in files:
+        assert path.stat().st_mode & 0o777 == 0o600 and path.parent.stat().st_mode & 0o777 == 0o700
+    stack = load_stack_module()  # a second start keeps them (a persisted Redis still knows them)
+    services, _ = stack.build_services(stack.load_settings({"LOCAL_RUN_DIR": str(tmp_path)}), "again")
+    again = {s.name: s for s in services}["redis"]
+    assert [Path(again.env[n]).read_text() for n in ("REDIS_PASSWORD_FILE", "REDIS_ADMIN_PASSWORD_FILE")] == contents
+
+
+@pytest.mark.parametrize("setting, value", [("REDIS_MAXMEMORY", "0"), ("REDIS_MAXMEMORY", "lots"),
+                                            ("REDIS_APPENDONLY", "always"), ("REDIS_USERNAME", "default"),
+                                            ("REDIS_USERNAME", "a b")])
+def test_invalid_redis_settings_fail_fast_in_local_mode(setting, value):
+    stack = load_stack_module()
+    with pytest.raises(SystemExit, match=setting):
+        stack.load_settings({setting: value})
 
 
 def test_the_images_keep_the_uwsgi_stats_server_inside_the_container():

@@ -90,7 +90,16 @@ def writable_paths(name):
         cmd = nginx_cmd()
         # its prefix (pid, temporary files) and the official entrypoint's template output
         return {cmd[cmd.index("-p") + 1].rstrip("/"), "/etc/nginx/conf.d"}
-    return {"redis": {"/data"}, "tests": {"/tmp"}}.get(name, set())
+    return {"tests": {"/tmp"}}.get(name, set())
+
+
+def test_redis_writes_only_to_its_data_volume():
+    """Redis's only writable place is /data, the redis-data volume (its append-only file with
+    REDIS_APPENDONLY=yes; empty otherwise): no tmpfs, nothing else."""
+    redis = services()["redis"]
+    assert "tmpfs" not in redis
+    assert [v for v in redis["volumes"] if not v.endswith(":ro")] == ["redis-data:/data"]
+    assert "redis-data" in yaml.safe_load((REPO / "docker-compose.yml").read_text())["volumes"]
 
 
 def test_compose_lint_passes_with_only_the_documented_exceptions():

@@ -81,6 +81,33 @@ def compose_seconds(service):
     return int(re.fullmatch(r"(\d+)s", compose()["services"][service]["stop_grace_period"]).group(1))
 
 
+def test_redis_starts_from_compose_script_with_compose_settings():
+    """k8s/base/redis-start.sh is redis/redis-start.sh (kustomize reads files under its own
+    directory only); the Deployment passes compose's defaults; both read the password from
+    the redis-password Secret, where the apps read theirs."""
+    assert (REPO / "k8s" / "base" / "redis-start.sh").read_bytes() == (REPO / "redis" / "redis-start.sh").read_bytes()
+    container = only_container("k8s/base", "redis")
+    env = {item["name"]: item["value"] for item in container["env"]}
+    assert env == {k: compose_value(v) for k, v in compose()["services"]["redis"]["environment"].items()}
+    assert container["args"] == ["sh", "/usr/local/lib/redis-start/redis-start.sh"]
+    # Compose's healthcheck, from the same script.
+    health = compose()["services"]["redis"]["healthcheck"]["test"]
+    assert health == ["CMD", "sh", "/usr/local/lib/redis-start.sh", "--health"]
+    for probe in ("readinessProbe", "livenessProbe"):
+        assert container[probe]["exec"]["command"] == [*container["args"], "--health"], probe
+    start = next(v for v in pod_spec("k8s/base", "redis")["volumes"] if v["name"] == "start")
+    script = objects("k8s/base", "ConfigMap")[start["configMap"]["name"]]["data"]["redis-start.sh"]
+    assert script == (REPO / "redis" / "redis-start.sh").read_text()
+    for name in ["redis", *APPS]:
+        spec = pod_spec("k8s/base", name)
+        [volume] = [v for v in spec["volumes"] if "secret" in v]
+        assert volume["secret"] == {"secretName": "redis-password", "items": [{"key": "password", "path": "redis-password"}]}
+        mounts = {m["name"]: m for m in spec["containers"][0]["volumeMounts"]}
+        assert mounts[volume["name"]]["mountPath"] == "/run/secrets" and mounts[volume["name"]]["readOnly"] is True
+    assert environment("k8s/base", APPS[0])["REDIS_PASSWORD_FILE"] == env["REDIS_PASSWORD_FILE"] == "/run/secrets/redis-password"
+    assert not objects("k8s/base", "Secret"), "the password is not in the repository: you create the Secret"
+
+
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
 @pytest.mark.parametrize("kustomization", KUSTOMIZATIONS)
 def test_every_object_matches_the_kubernetes_api_schema(kustomization, version):
@@ -215,7 +242,9 @@ def test_every_container_runs_locked_down_with_resources(kustomization):
     for name in IMAGE_UIDS:
         spec = pod_spec(kustomization, name)
         assert spec["automountServiceAccountToken"] is False, name
-        assert all(set(volume) == {"name", "emptyDir"} for volume in spec.get("volumes", [])), name
+        # Scratch space, and read-only files (Redis's start script, the Redis password Secret).
+        assert all(set(volume) in ({"name", "emptyDir"}, {"name", "configMap"}, {"name", "secret"})
+                   for volume in spec.get("volumes", [])), name
         for container in spec.get("initContainers", []) + spec["containers"]:
             context = {**spec.get("securityContext", {}), **container.get("securityContext", {})}
             assert context["runAsNonRoot"] is True and context["runAsUser"] == IMAGE_UIDS[name], name

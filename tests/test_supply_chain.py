@@ -352,7 +352,7 @@ def test_pin_images_refuses_a_digest_for_another_tag_or_a_malformed_one(tmp_path
     root = pin_tree(tmp_path)
     result = pin_images(root, f"REDIS_IMAGE=redis:0.0.1@sha256:{'a' * 64}")
     assert result.returncode == 1 and "change the tag first" in result.stderr, result.stderr
-    result = pin_images(root, "REDIS_IMAGE=redis:7.4.2@sha256:abc")
+    result = pin_images(root, "REDIS_IMAGE=redis:7.4.8@sha256:abc")
     assert result.returncode == 2 and "expected VAR=" in result.stderr
     assert (root / "docker-compose.yml").read_text() == (REPO / "docker-compose.yml").read_text()
 

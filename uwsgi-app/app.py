@@ -16,7 +16,7 @@ from gevent.event import Event
 from wsstack import auth, capacity, chat, health, http, metrics, ratelimit, token_issuer, uwsgi_options
 
 APP_NAME = "uwsgi-app"
-HUB = chat.Hub(health.REDIS_URL)
+HUB = chat.Hub(health.REDIS_URL, health.REDIS_CREDENTIALS)
 VERIFIER = auth.Verifier.from_environment(HUB.redis)
 CHAT_CHECK = chat.handshake_check(VERIFIER)
 

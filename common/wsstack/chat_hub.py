@@ -112,10 +112,12 @@ class LazyRedis:
 
 
 class Hub:
-    def __init__(self, url):
-        self.url = url
+    def __init__(self, url, credentials=None):
+        """`credentials`: redis-py options of the apps' Redis user (wsstack.settings.redis_credentials)."""
+        self.url, self.credentials = url, credentials or {}
         self.redis = LazyRedis(lambda: redis.Redis(connection_pool=redis.BlockingConnectionPool.from_url(
-            url, max_connections=REDIS_POOL_SIZE, timeout=POOL_WAIT, socket_timeout=5, socket_connect_timeout=2)))
+            url, max_connections=REDIS_POOL_SIZE, timeout=POOL_WAIT, socket_timeout=5, socket_connect_timeout=2,
+            **self.credentials)))
         self.rooms = {}
         self.rooms_of_client = {}  # client address -> {room: connections}
         self.reader = None
@@ -236,7 +238,7 @@ class Hub:
     def _read(self):
         connection = redis.Redis.from_url(
             self.url, single_connection_client=True, client_name=f"chat-reader:{self.instance}",
-            socket_timeout=READ_BLOCK_MS / 1000 + 5, socket_connect_timeout=2,
+            socket_timeout=READ_BLOCK_MS / 1000 + 5, socket_connect_timeout=2, **self.credentials,
         )
         wake_last = "0-0"
         try:

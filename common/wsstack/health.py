@@ -8,8 +8,12 @@ import os
 
 import redis
 
+from wsstack.settings import redis_credentials
+
 REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
-_redis = redis.Redis.from_url(REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5)
+# Read at import, so that a missing password file stops the app at start-up (need-app).
+REDIS_CREDENTIALS = redis_credentials()
+_redis = redis.Redis.from_url(REDIS_URL, socket_timeout=0.5, socket_connect_timeout=0.5, **REDIS_CREDENTIALS)
 
 
 def redis_status():

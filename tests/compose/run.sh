@@ -32,6 +32,7 @@ export NGINX_TLS_PORT=${COMPOSE_TEST_NGINX_TLS_PORT:-18443}
 log_dir=.run/compose
 mkdir -p "$log_dir"
 
+scripts/make-secrets.sh
 dangling_before=$(podman images --quiet --filter dangling=true | sort)
 eval "$(tests/compose/build-standins.sh)"
 export PYTHON_IMAGE NGINX_IMAGE REDIS_IMAGE

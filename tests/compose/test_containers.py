@@ -247,3 +247,45 @@ def test_zz_nginx_follows_a_recreated_app_to_its_new_address():
     time.sleep(max(0.0, renamed + valid + 0.5 - time.monotonic()))
     assert all(http_get("/uwsgi/healthz").status == 200 for _ in range(10))
     assert inspect("nginx")["State"]["StartedAt"] == nginx_started
+
+
+def redis_cli_as_app(*args):
+    """redis-cli in the redis container as the apps' user, its password read from the
+    container's secret by the shell (never an argument)."""
+    script = 'REDISCLI_AUTH="$(cat /run/secrets/redis-password)" exec redis-cli --no-auth-warning --user "$REDIS_USERNAME" "$@"'
+    return subprocess.run(["podman", "exec", container("redis"), "sh", "-c", script, "sh", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_redis_lets_nothing_in_without_the_password():
+    for command in (["ping"], ["get", "chat-auth:hs256-secret"]):
+        result = subprocess.run(["podman", "exec", container("redis"), "redis-cli", *command],
+                                capture_output=True, text=True, timeout=30)
+        assert "NOAUTH" in result.stdout + result.stderr, result
+    assert redis_cli_as_app("ping").stdout.strip() == "PONG"
+
+
+@pytest.mark.parametrize("command", [["FLUSHALL"], ["CONFIG", "GET", "maxmemory"], ["EVAL", "return 1", "0"],
+                                     ["KEYS", "*"], ["ACL", "LIST"], ["DEL", "chat-auth:hs256-secret"],
+                                     ["SET", "other", "x"]])
+def test_the_apps_redis_user_may_not_administer_script_or_leave_the_chats_keys(command):
+    result = redis_cli_as_app(*command)
+    assert "NOPERM" in result.stdout, result
+
+
+def test_the_redis_password_is_in_no_inspect_output_command_line_or_environment():
+    password = (REPO / "secrets" / "redis-password").read_text().strip()
+    assert len(password) >= 32
+    for service in ("redis", "uwsgi-app", "flask-app"):
+        assert password not in json.dumps(inspect(service)), service
+        for pid in process_tree(main_pid(service)):
+            for name in ("cmdline", "environ"):
+                assert password.encode() not in Path(f"/proc/{pid}/{name}").read_bytes(), (service, pid, name)
+
+
+def test_redis_can_write_its_append_only_file_to_its_volume():
+    """REDIS_APPENDONLY=yes writes to /data: the redis-data volume must be the redis user's."""
+    result = subprocess.run(["podman", "exec", container("redis"), "sh", "-c", 'test -w /data && stat -c %u /data'],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0 and result.stdout.strip() == "999", result
+    assert any(point == "/data" and fstype != "tmpfs" for _, point, _, fstype in mounts(main_pid("redis")))

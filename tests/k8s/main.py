@@ -9,6 +9,7 @@ pods. Last, tests/k8s/test_service_links.py starts k8s/base as it was before
 """
 import argparse
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -44,7 +45,18 @@ def local_images(objects, project):
     return images
 
 
+def redis_password_secret(objects):
+    """The Secret the manifests expect the operator to create (docs/kubernetes.md, "Secrets"):
+    a random password per run, as `kubectl create secret generic` would make it."""
+    namespace = next((o["metadata"].get("namespace") for o in objects if o["kind"] == "Deployment"), None)
+    metadata = {"name": "redis-password", **({"namespace": namespace} if namespace else {})}
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": metadata, "type": "Opaque",
+            "stringData": {"password": secrets.token_urlsafe(32)}}
+
+
 def make_cluster(objects, project, name, log_dir, config=None):
+    if not any(o["kind"] == "Secret" and o["metadata"]["name"] == "redis-password" for o in objects):
+        objects = [*objects, redis_password_secret(objects)]
     return kubelet.Cluster(objects, prefix=f"{project}-{name}", run_dir=Path(log_dir) / name,
                            images=local_images(objects, project), run_args=RUN_ARGS, config_overrides=config)
 
