@@ -97,8 +97,9 @@ def running_nginx(tmp_path, uwsgi_app_upstream=None, flask_app_upstream=None, **
     """
     port = free_port()
     overrides.setdefault("NGINX_TLS_PORT", str(free_port()))
+    overrides.setdefault("NGINX_STATUS_PORT", str(free_port()))
     prefix = render_nginx(
-        tmp_path, NGINX_PORT=str(port), NGINX_STATUS_PORT=str(free_port()),
+        tmp_path, NGINX_PORT=str(port),
         NGINX_UWSGI_APP_UPSTREAM=uwsgi_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_UWSGI_APP_PORT', '8001'),
         NGINX_FLASK_APP_UPSTREAM=flask_app_upstream or '127.0.0.1:' + os.environ.get('LOCAL_FLASK_APP_PORT', '8002'),
         **overrides,
