@@ -59,7 +59,7 @@ DEFAULTS = {
     "NGINX_TLS_CERTIFICATE": "",
     "NGINX_TLS_CERTIFICATE_KEY": "",
     "NGINX_HTTPS_REDIRECT": "off",
-    # Empty: every name is served (docs/configuration.md, "nginx at the edge").
+    # Empty: every name is served (docs/operations.md, "Server name").
     "NGINX_SERVER_NAME": "",
     "NGINX_HSTS_MAX_AGE": "0",
     # The proxies whose X-Forwarded-For nginx believes; unix: trusts none (docs/configuration.md).

@@ -1,5 +1,5 @@
 """nginx at the edge: stalled clients, what reaches the apps, the headers on every response,
-the health check's limits and the worker settings (docs/configuration.md, "nginx at the edge")."""
+the health check's limits and the worker settings (docs/operations.md, "Limits" and "TLS")."""
 import http.client
 import json
 import os
@@ -351,3 +351,15 @@ def test_both_modes_refuse_a_bad_server_name(tmp_path, settings, message):
     with pytest.raises(subprocess.CalledProcessError) as failed:
         render_nginx(tmp_path, **settings)
     assert message in failed.value.stderr
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/uwsgi/healthz", "/flask/healthz"])
+def test_no_header_is_sent_twice(path):
+    url = urlsplit(BASE_URL)
+    connection = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        connection.request("GET", path)
+        names = [name.lower() for name, _value in connection.getresponse().getheaders()]
+    finally:
+        connection.close()
+    assert sorted(name for name in set(names) if names.count(name) > 1) == []
