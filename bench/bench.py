@@ -125,6 +125,10 @@ def nginx_env(stack_env, port, uwsgi_upstream, flask_upstream, resolver):
     env.update({k: v for k, v in stack_env.items() if k.startswith(("NGINX_WS_", "NGINX_AUTH_", "NGINX_REAL_IP_"))})
     run_dir = Path(stack_env["LOCAL_RUN_DIR"])
     env.setdefault("NGINX_REAL_IP_FROM", stack_runner.DEFAULTS["NGINX_REAL_IP_FROM"])  # no proxy in front
+    # make run's timeouts, health limits and worker sizing (a worker per core)
+    for name in ("NGINX_CLIENT_HEADER_TIMEOUT", "NGINX_HEALTH_REQUESTS_PER_SECOND", "NGINX_HEALTH_REQUEST_BURST",
+                 "NGINX_WORKER_PROCESSES", "NGINX_WORKER_CONNECTIONS", "NGINX_WORKER_RLIMIT_NOFILE"):
+        env[name] = stack_runner.DEFAULTS[name]
     env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(port),
                NGINX_STATUS_PORT=str(free_port()),
                NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=uwsgi_upstream,
@@ -132,7 +136,7 @@ def nginx_env(stack_env, port, uwsgi_upstream, flask_upstream, resolver):
                NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),
                # TLS is not measured; the template needs a certificate: the one the stack made.
                NGINX_TLS_PORT=str(free_port()),
-               NGINX_HTTPS_REDIRECT="off", NGINX_HSTS_MAX_AGE="0",
+               NGINX_HTTPS_REDIRECT="off", NGINX_HSTS_MAX_AGE="0", NGINX_SERVER_NAME="",
                NGINX_TLS_CERTIFICATE=str(run_dir / "tls" / "server.crt"),
                NGINX_TLS_CERTIFICATE_KEY=str(run_dir / "tls" / "server.key"))
     return env

@@ -21,6 +21,13 @@ for setting in $(awk 'END { for (name in ENVIRON) if (name ~ /^NGINX_([A-Z]+_)?P
     fi
 done
 
+# The server name's check and the setting derived from it, as in the image, unless an
+# entrypoint already sourced that script (make test-compose's stand-in image renders with
+# this script, after its /docker-entrypoint.d/*.envsh).
+if [ -z "${NGINX_UNKNOWN_HOST_SERVER_FLAGS+set}" ]; then
+    . "$(dirname "$0")/../nginx/docker-entrypoint.d/17-server-name.envsh"
+fi
+
 defined_envs=$(printf '${%s} ' $(awk "END { for (name in ENVIRON) { print ( name ~ /${filter}/ ) ? name : \"\" } }" </dev/null))
 mkdir -p "$output_dir"
 for template in "$template_dir"/*.template; do

@@ -42,6 +42,13 @@ DEFAULTS = {
     "NGINX_PORT": "8080",
     "NGINX_PROXY_READ_TIMEOUT": "60s",
     "NGINX_SEND_TIMEOUT": "10s",
+    "NGINX_CLIENT_HEADER_TIMEOUT": "10s",
+    "NGINX_HEALTH_REQUESTS_PER_SECOND": "10",
+    "NGINX_HEALTH_REQUEST_BURST": "20",
+    # Local mode has no CPU limit: a worker per core, as nginx's auto does.
+    "NGINX_WORKER_PROCESSES": "auto",
+    "NGINX_WORKER_CONNECTIONS": "16384",
+    "NGINX_WORKER_RLIMIT_NOFILE": "20000",
     "NGINX_WS_CONNECTIONS_PER_IP": "1000",
     "NGINX_WS_HANDSHAKES_PER_SECOND": "100",
     "NGINX_WS_HANDSHAKE_BURST": "500",
@@ -53,6 +60,8 @@ DEFAULTS = {
     "NGINX_TLS_CERTIFICATE": "",
     "NGINX_TLS_CERTIFICATE_KEY": "",
     "NGINX_HTTPS_REDIRECT": "off",
+    # Empty: every name is served (docs/operations.md, "Server name").
+    "NGINX_SERVER_NAME": "",
     "NGINX_HSTS_MAX_AGE": "0",
     # The proxies whose X-Forwarded-For nginx believes; unix: trusts none (docs/configuration.md).
     "NGINX_REAL_IP_FROM": "unix:",
@@ -77,6 +86,10 @@ DEFAULTS = {
     "LOCAL_FLASK_APP_STATS_PORT": "9012",
 }
 MAX_REPLICAS = 8
+# nginx's workers: more than the pids limits allow is a mistake; fewer connections than a
+# handful of WebSockets is one too.
+MAX_NGINX_WORKERS = 64
+MIN_NGINX_WORKER_CONNECTIONS = 64
 INTERNAL_PORT_SETTINGS = ("NGINX_STATUS_PORT", "LOCAL_UWSGI_APP_METRICS_PORT", "LOCAL_FLASK_APP_METRICS_PORT",
                           "LOCAL_UWSGI_APP_STATS_PORT", "LOCAL_FLASK_APP_STATS_PORT")
 PORT_SETTINGS = ("NGINX_PORT", "NGINX_TLS_PORT", "LOCAL_UWSGI_APP_PORT", "LOCAL_FLASK_APP_PORT", "LOCAL_REDIS_PORT",
@@ -136,7 +149,8 @@ def load_settings(environ):
     if not settings["LOCAL_REPLICAS"].isdigit() or not 1 <= int(settings["LOCAL_REPLICAS"]) <= MAX_REPLICAS:
         raise ConfigError(f"LOCAL_REPLICAS={settings['LOCAL_REPLICAS']!r} must be a whole number from 1 to {MAX_REPLICAS}")
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST",
-                 "NGINX_AUTH_REQUESTS_PER_MINUTE", "NGINX_AUTH_REQUEST_BURST"):
+                 "NGINX_AUTH_REQUESTS_PER_MINUTE", "NGINX_AUTH_REQUEST_BURST", "NGINX_HEALTH_REQUESTS_PER_SECOND",
+                 "NGINX_HEALTH_REQUEST_BURST"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= 1")
     if int(settings["NGINX_WS_CONNECTIONS_PER_IP"]) > 65535:  # nginx's own ceiling for limit_conn
@@ -144,6 +158,11 @@ def load_settings(environ):
     check_tls_settings(settings)
     check_real_ip_from(settings)
     check_redis_settings(settings)
+    check_worker_settings(settings)
+    header_timeout = settings["NGINX_CLIENT_HEADER_TIMEOUT"]
+    if not re.fullmatch(r"[1-9][0-9]*[sm]?", header_timeout):  # as 16-limits.envsh: no ms, none below 1s
+        raise ConfigError(f"NGINX_CLIENT_HEADER_TIMEOUT={header_timeout!r} must be an nginx time of at least 1s, "
+                          "such as 10s or 1m")
     nginx_seconds("NGINX_SEND_TIMEOUT", settings["NGINX_SEND_TIMEOUT"])
     if nginx_seconds("NGINX_RESOLVER_VALID", settings["NGINX_RESOLVER_VALID"]) < 1:
         raise ConfigError("NGINX_RESOLVER_VALID must be at least 1s")
@@ -181,6 +200,20 @@ def redis_password_files(run_dir):
     return paths
 
 
+def check_worker_settings(settings):
+    """The container checks the same in nginx/docker-entrypoint.d/16-limits.envsh."""
+    processes = settings["NGINX_WORKER_PROCESSES"]
+    if processes != "auto" and not (processes.isdigit() and 1 <= int(processes) <= MAX_NGINX_WORKERS):
+        raise ConfigError(f"NGINX_WORKER_PROCESSES={processes!r} must be auto or a whole number from 1 to {MAX_NGINX_WORKERS}")
+    for name in ("NGINX_WORKER_CONNECTIONS", "NGINX_WORKER_RLIMIT_NOFILE"):
+        if not settings[name].isdigit() or int(settings[name]) < MIN_NGINX_WORKER_CONNECTIONS:
+            raise ConfigError(f"{name}={settings[name]!r} must be a whole number >= {MIN_NGINX_WORKER_CONNECTIONS}")
+    if int(settings["NGINX_WORKER_CONNECTIONS"]) > int(settings["NGINX_WORKER_RLIMIT_NOFILE"]):
+        raise ConfigError(f"NGINX_WORKER_CONNECTIONS={settings['NGINX_WORKER_CONNECTIONS']} exceeds "
+                          f"NGINX_WORKER_RLIMIT_NOFILE={settings['NGINX_WORKER_RLIMIT_NOFILE']}: "
+                          "each connection is an open file")
+
+
 def check_real_ip_from(settings):
     """The container checks the same in nginx/docker-entrypoint.d/12-real-ip.envsh."""
     value = settings["NGINX_REAL_IP_FROM"]
@@ -192,10 +225,22 @@ def check_real_ip_from(settings):
                               "or unix: (no proxy trusted)") from None
 
 
+def check_server_name(settings):
+    """The container (and the local rendering) checks the same in nginx/docker-entrypoint.d/17-server-name.envsh."""
+    name = settings["NGINX_SERVER_NAME"]
+    if not name and settings["NGINX_HTTPS_REDIRECT"] == "on":
+        raise ConfigError("NGINX_HTTPS_REDIRECT=on needs NGINX_SERVER_NAME, the name the redirect sends clients to "
+                          "(never the Host they sent)")
+    label = r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?"
+    if name and not re.fullmatch(rf"{label}(\.{label})*", name):
+        raise ConfigError(f"NGINX_SERVER_NAME={name!r} must be one host name, such as chat.example.com")
+
+
 def check_tls_settings(settings):
     """The container checks the same in nginx/docker-entrypoint.d/15-tls-certificate.envsh."""
     if settings["NGINX_HTTPS_REDIRECT"] not in ("on", "off"):
         raise ConfigError(f"NGINX_HTTPS_REDIRECT={settings['NGINX_HTTPS_REDIRECT']!r} must be on or off")
+    check_server_name(settings)
     if not settings["NGINX_HSTS_MAX_AGE"].isdigit():
         raise ConfigError(f"NGINX_HSTS_MAX_AGE={settings['NGINX_HSTS_MAX_AGE']!r} "
                           "must be a whole number of seconds (0: no header)")

@@ -1,4 +1,5 @@
 """Docker and local mode are one system: same programs, same config files, same defaults."""
+import math
 import re
 import shlex
 from pathlib import Path
@@ -86,7 +87,13 @@ def test_nginx_runs_the_same_main_config_and_templates_in_both_modes(local_servi
     assert "set $uwsgi_app uwsgi-app:8001;" in rendered and "set $flask_app flask-app:8002;" in rendered
     assert re.findall(r"proxy_pass (\S+);", rendered) == ["http://$flask_app/healthz", "http://$uwsgi_app/healthz",
                                                           "http://$uwsgi_app",  # /auth/token
-                                                          "http://$uwsgi_app", "http://$flask_app"]
+                                                          "http://$uwsgi_app", "http://$flask_app",
+                                                          # the status port's detailed health
+                                                          "http://$uwsgi_app/healthz", "http://$flask_app/healthz"]
+    # nginx.conf's main context takes the worker settings from the same rendering.
+    assert "include conf.d/workers.inc;" in (REPO / "nginx" / "nginx.conf").read_text()
+    workers = (local_conf.parent / "conf.d" / "workers.inc").read_text()
+    assert "worker_processes auto;" in workers and "worker_connections 16384;" in workers
     assert not re.search(r"^\s*upstream ", rendered, re.M)  # an upstream block would resolve its names once, at start
 
 
@@ -123,8 +130,15 @@ def test_shared_defaults_agree_across_compose_dockerfiles_ini_and_local_runner()
     assert stack.DEFAULTS["NGINX_PORT"] == nginx_env["NGINX_PORT"] == compose_defaults["NGINX_PORT"]
     for name in ("NGINX_WS_CONNECTIONS_PER_IP", "NGINX_WS_HANDSHAKES_PER_SECOND", "NGINX_WS_HANDSHAKE_BURST",
                  "NGINX_AUTH_REQUESTS_PER_MINUTE", "NGINX_AUTH_REQUEST_BURST", "NGINX_TLS_PORT", "NGINX_TLS_CERTIFICATE", "NGINX_TLS_CERTIFICATE_KEY", "NGINX_HTTPS_REDIRECT",
-                 "NGINX_HSTS_MAX_AGE", "NGINX_STATUS_PORT"):
-        assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name], name
+                 "NGINX_HSTS_MAX_AGE", "NGINX_STATUS_PORT", "NGINX_CLIENT_HEADER_TIMEOUT",
+                 "NGINX_HEALTH_REQUESTS_PER_SECOND", "NGINX_HEALTH_REQUEST_BURST", "NGINX_WORKER_CONNECTIONS",
+                 "NGINX_WORKER_RLIMIT_NOFILE"):
+        assert stack.DEFAULTS[name] == nginx_env[name] == compose_defaults[name] == k8s_nginx_env()[name], name
+    # The image and the containers are sized for their CPU limit (test_nginx_sizing_fits_the_limits);
+    # local mode has none.
+    assert nginx_env["NGINX_WORKER_PROCESSES"] == compose_defaults["NGINX_WORKER_PROCESSES"] == \
+        k8s_nginx_env()["NGINX_WORKER_PROCESSES"] == "1"
+    assert stack.DEFAULTS["NGINX_WORKER_PROCESSES"] == "auto"
     # nginx must outlast the pings by default, not only in the tests' shortened setup.
     assert stack.nginx_seconds("t", nginx_env["NGINX_PROXY_READ_TIMEOUT"]) > int(ini["UWSGI_WEBSOCKETS_PING_FREQ"])
 
@@ -172,6 +186,64 @@ def test_invalid_redis_settings_fail_fast_in_local_mode(setting, value):
     stack = load_stack_module()
     with pytest.raises(SystemExit, match=setting):
         stack.load_settings({setting: value})
+
+
+def k8s_nginx_env():
+    lines = (REPO / "k8s" / "base" / "nginx.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
+
+
+# nginx sizing (docs/configuration.md, "nginx sizing"): what one proxied idle WebSocket costs
+# nginx (two connections: client and app), measured by the bench, and what the master, the
+# shared zones and each worker's preallocated connection arrays take before any traffic.
+NGINX_KIB_PER_WEBSOCKET = 17.9
+NGINX_BASE_MIB = 32
+MEMORY_HEADROOM = 0.75  # of the limit; the rest for messages in flight and TLS buffers
+OPEN_FILES_RESERVE = 1024  # listening sockets, logs, the resolver's sockets, files being sent
+
+
+def nginx_sizing(cpus, memory_mib, nofile):
+    """(worker_processes, worker_connections) the formula gives for a container's limits."""
+    workers = math.ceil(cpus)
+    websockets_per_worker = (memory_mib * MEMORY_HEADROOM - NGINX_BASE_MIB) * 1024 / NGINX_KIB_PER_WEBSOCKET / workers
+    connections = min(2 * websockets_per_worker, nofile - OPEN_FILES_RESERVE)
+    return workers, 2 ** int(math.log2(connections))  # a power of two at most that
+
+
+def k8s_quantity(value, units):
+    number, unit = re.fullmatch(r"([\d.]+)([A-Za-z]*)", str(value)).groups()
+    return float(number) * units[unit]
+
+
+def test_nginx_sizing_fits_the_limits():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]["nginx"]
+    compose_defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", (REPO / "docker-compose.yml").read_text()))
+    memory_mib = int(compose["mem_limit"].removesuffix("m"))
+    nofile = compose["ulimits"]["nofile"]
+    assert nofile["soft"] == nofile["hard"] == int(compose_defaults["NGINX_WORKER_RLIMIT_NOFILE"])
+    assert nginx_sizing(compose["cpus"], memory_mib, nofile["soft"]) == (
+        int(compose_defaults["NGINX_WORKER_PROCESSES"]), int(compose_defaults["NGINX_WORKER_CONNECTIONS"]))
+
+    pod = next(doc for doc in yaml.safe_load_all((REPO / "k8s" / "base" / "nginx.yaml").read_text())
+               if doc and doc["kind"] == "Deployment")
+    limits = pod["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    env = k8s_nginx_env()
+    assert nginx_sizing(k8s_quantity(limits["cpu"], {"": 1, "m": 0.001}),
+                        k8s_quantity(limits["memory"], {"Mi": 1, "Gi": 1024}),
+                        int(env["NGINX_WORKER_RLIMIT_NOFILE"])) == (
+        int(env["NGINX_WORKER_PROCESSES"]), int(env["NGINX_WORKER_CONNECTIONS"]))
+    # Whatever the sizing, one address may open its NGINX_WS_CONNECTIONS_PER_IP WebSockets.
+    for settings in (compose_defaults, env):
+        assert int(settings["NGINX_WORKER_CONNECTIONS"]) >= 2 * int(settings["NGINX_WS_CONNECTIONS_PER_IP"])
+
+
+def test_nginx_sizing_formula():
+    # Two CPUs: two workers sharing the memory; a tight open-files limit caps the connections.
+    assert nginx_sizing(2, 256, 20000) == (2, 8192)
+    assert nginx_sizing(0.5, 256, 20000) == (1, 16384)
+    assert nginx_sizing(1, 512, 20000) == (1, 16384)
+    assert nginx_sizing(1, 512, 100000) == (1, 32768)
+    assert nginx_sizing(1, 128, 20000) == (1, 4096)
 
 
 def test_the_images_keep_the_uwsgi_stats_server_inside_the_container():

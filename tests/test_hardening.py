@@ -179,8 +179,12 @@ def test_stop_grace_period_outlasts_the_graceful_stop(name):
 
 def test_open_file_limits_fit_the_configured_connections():
     nginx = services()["nginx"]["ulimits"]["nofile"]
-    # a non-root master cannot raise its hard limit for worker_rlimit_nofile
-    assert nginx["soft"] == nginx["hard"] >= int(nginx_conf_value("worker_rlimit_nofile"))
+    # a non-root master cannot raise its hard limit for worker_rlimit_nofile (a setting,
+    # rendered into nginx.conf's main context), which must hold worker_connections
+    compose_defaults = dict(re.findall(r"\$\{(\w+):-([^}]*)\}", (REPO / "docker-compose.yml").read_text()))
+    assert "include conf.d/workers.inc;" in (REPO / "nginx" / "nginx.conf").read_text()
+    assert nginx["soft"] == nginx["hard"] >= int(compose_defaults["NGINX_WORKER_RLIMIT_NOFILE"]) >= \
+        int(compose_defaults["NGINX_WORKER_CONNECTIONS"])
     for app in ("uwsgi-app", "flask-app"):
         nofile = services()[app]["ulimits"]["nofile"]
         # each of a worker's gevent cores may hold a WebSocket, i.e. a descriptor

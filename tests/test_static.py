@@ -94,10 +94,13 @@ def test_rendered_nginx_config_proxies_websockets_correctly(tmp_path):
     conf = (render_nginx(tmp_path) / "conf.d" / "default.conf").read_text()
     main = (REPO / "nginx" / "nginx.conf").read_text()
     assert "${" not in conf
-    assert re.search(r"map \$http_upgrade \$connection_upgrade \{\s*default upgrade;\s*''\s+close;", conf)
+    # Only a WebSocket upgrade is forwarded (tests/test_edge.py sends others).
+    assert re.search(r'map \$http_upgrade \$websocket_upgrade \{\s*"~\*\^websocket\$"\s+websocket;\s*default\s+"";', conf)
+    assert re.search(r"map \$websocket_upgrade \$connection_upgrade \{\s*websocket\s+upgrade;\s*default\s+close;", conf)
     for directive in (
         "proxy_http_version 1.1;",
-        "proxy_set_header Upgrade $http_upgrade;",
+        "proxy_set_header Upgrade $websocket_upgrade;",
+        "client_header_timeout 10s;",
         "proxy_set_header Connection $connection_upgrade;",
         "proxy_set_header Host $host;",
         "proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;",

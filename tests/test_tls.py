@@ -134,7 +134,9 @@ def own_nginx(tmp_path, **settings):
 
 @pytest.mark.local
 def test_redirect_on_sends_http_to_the_tls_port_keeping_path_and_query(tmp_path):
-    with own_nginx(tmp_path, NGINX_HTTPS_REDIRECT="on") as (http_url, https_url, context):
+    with own_nginx(tmp_path, NGINX_HTTPS_REDIRECT="on", NGINX_SERVER_NAME="localhost") as (http_url, https_url, context):
+        # to the configured name (tests/test_edge.py: whatever Host the client sent)
+        https_url = https_url.replace("127.0.0.1", "localhost")
         for path in ("/", "/uwsgi/healthz?probe=1&x=%2F", "/flask/ws/echo"):
             status, headers, _body = https_get(http_url, path, None)
             assert (status, headers.get("location")) == (301, https_url + path)
