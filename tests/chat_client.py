@@ -7,6 +7,7 @@ import urllib.parse
 import urllib.request
 import uuid
 
+from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 import stack
@@ -109,6 +110,17 @@ class ChatClient:
             event = self.next_event(max(0.01, deadline - time.monotonic()))
             if event["type"] in types:
                 return event
+
+    def close_reason(self, code, timeout=15):
+        """Reads until the server closes (messages already on their way may come first), checks
+        that it closed with `code`, and returns the close reason."""
+        try:
+            while True:
+                self.next_event(timeout=timeout)
+        except ConnectionClosed as closed:
+            assert closed.rcvd is not None, "closed without a close frame"
+            assert closed.rcvd.code == code, closed.rcvd
+            return closed.rcvd.reason
 
     def say(self, text):
         self.ws.send(json.dumps({"type": "message", "text": text}))

@@ -103,15 +103,6 @@ def test_each_process_holds_one_reader_for_all_its_rooms_and_drops_it_when_they_
         time.sleep(0.2)
 
 
-def expect_close(client, code):
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:  # messages already on their way may come first
-            client.next_event(timeout=15)
-    assert closed.value.rcvd is not None, "closed without a close frame"
-    assert closed.value.rcvd.code == code
-    return closed.value.rcvd.reason
-
-
 def test_a_redis_outage_closes_chats_with_1013_keeps_echo_and_chat_resumes_after(tmp_path):
     # Persisting every write (appendfsync always), so a restart keeps what it stored, as a
     # production Redis with persistence would.
@@ -138,7 +129,7 @@ def test_a_redis_outage_closes_chats_with_1013_keeps_echo_and_chat_resumes_after
 
                 redis.stop()
                 for client in (a, b):
-                    assert "chat backplane unavailable" in expect_close(client, 1013)
+                    assert "chat backplane unavailable" in client.close_reason(1013)
                 for backend in BACKENDS:  # echo does not need Redis
                     with connect(f"{base}/{backend}/ws/echo", ping_interval=None) as echo:
                         echo.send("echo still works")

@@ -92,15 +92,6 @@ def test_redis_runs_with_maxmemory_and_noeviction():
     assert admin("CONFIG", "GET", "maxmemory").split() == ["maxmemory", str(expected)]
 
 
-def expect_close(client, code):
-    with pytest.raises(ConnectionClosed) as closed:
-        while True:  # messages already on their way may come first
-            client.next_event(timeout=15)
-    assert closed.value.rcvd is not None, "closed without a close frame"
-    assert closed.value.rcvd.code == code
-    return closed.value.rcvd.reason
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_a_full_redis_refuses_the_message_and_the_chat_answers_as_for_an_outage(backend):
     """maxmemory reached with noeviction: Redis answers OOM to every write. The sender's
@@ -114,7 +105,7 @@ def test_a_full_redis_refuses_the_message_and_the_chat_answers_as_for_an_outage(
         try:
             admin("CONFIG", "SET", "maxmemory", "1")
             writer.say("refused")
-            assert "chat backplane unavailable" in expect_close(writer, 1013)
+            assert "chat backplane unavailable" in writer.close_reason(1013)
             # Reading needs no memory: the reader's connection stays, and the app is healthy.
             health = json.loads(http_get(f"/{backend}/healthz").body)
             assert health["redis"] == "ok"
