@@ -73,7 +73,8 @@ compose-up: secrets ## Docker: build and start the stack
 	docker compose up --build
 
 compose-test: secrets ## Docker: run the suite in the tests container against nginx
-	NGINX_PROXY_READ_TIMEOUT=5s UWSGI_WEBSOCKETS_PING_FREQ=2 docker compose --profile test run --rm --build tests
+	NGINX_PROXY_READ_TIMEOUT=5s UWSGI_WEBSOCKETS_PING_FREQ=2 NGINX_AUTH_REQUESTS_PER_MINUTE=600 NGINX_AUTH_REQUEST_BURST=100 \
+		docker compose --profile test run --rm --build tests
 
 compose-down: ## Docker: stop and remove the stack (apps first: their WebSocket clients get close 1001 through nginx)
 	docker compose stop uwsgi-app flask-app
