@@ -130,7 +130,7 @@ def nginx_env(stack_env, port, uwsgi_upstream, flask_upstream, resolver):
                  "NGINX_WORKER_PROCESSES", "NGINX_WORKER_CONNECTIONS", "NGINX_WORKER_RLIMIT_NOFILE"):
         env[name] = stack_runner.DEFAULTS[name]
     env.update(NGINX_ENVSUBST_FILTER="^NGINX_", NGINX_HOST="127.0.0.1", NGINX_PORT=str(port),
-               NGINX_STATUS_PORT=str(free_port()),
+               NGINX_STATUS_HOST="127.0.0.1", NGINX_STATUS_PORT=str(free_port()),
                NGINX_PROXY_READ_TIMEOUT="60s", NGINX_SEND_TIMEOUT="10s", NGINX_UWSGI_APP_UPSTREAM=uwsgi_upstream,
                NGINX_FLASK_APP_UPSTREAM=flask_upstream, NGINX_RESOLVER=resolver,
                NGINX_RESOLVER_VALID="5s", NGINX_HTML_ROOT=str(REPO / "nginx" / "html"),

@@ -6,7 +6,7 @@ Routes (nginx mounts them under /flask/):
   GET /ws/chat   WebSocket: chat rooms on the Redis backplane (wsstack.chat, docs/chat.md)
 """
 import gevent
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from uwsgi_websocket_compat import BinaryMessage, GeventWebSocket
 from wsstack import auth, chat, health, metrics, ratelimit, uwsgi_options
@@ -23,7 +23,7 @@ app.wsgi_app = metrics.with_metrics_endpoint(APP_NAME, app.wsgi_app)
 
 @app.get("/healthz")
 def healthz():
-    status, headers, body = health.report(APP_NAME)
+    status, headers, body = health.report(APP_NAME, request.environ)
     return Response(body, status=status, headers=headers)
 
 

@@ -65,6 +65,8 @@ DEFAULTS = {
     "NGINX_HSTS_MAX_AGE": "0",
     # The proxies whose X-Forwarded-For nginx believes; unix: trusts none (docs/configuration.md).
     "NGINX_REAL_IP_FROM": "unix:",
+    # The status listener's address: compose binds it to nginx's address on the apps network.
+    "NGINX_STATUS_HOST": "127.0.0.1",
     "NGINX_STATUS_PORT": "8081",
     "LOCAL_UWSGI_APP_PORT": "8001",
     "LOCAL_FLASK_APP_PORT": "8002",
@@ -137,12 +139,13 @@ def load_settings(environ):
         raise ConfigError(f"NGINX_TLS_PORT must differ from NGINX_PORT ({settings['NGINX_PORT']})")
     if len({settings[name] for name in PORT_SETTINGS}) != len(PORT_SETTINGS):
         raise ConfigError(f"{', '.join(PORT_SETTINGS)} must all differ")
-    try:
-        address = ipaddress.ip_address(settings["NGINX_HOST"])
-    except ValueError as exc:
-        raise ConfigError(f"NGINX_HOST={settings['NGINX_HOST']!r} is not an IP address") from exc
-    if not address.is_loopback:
-        raise ConfigError("NGINX_HOST must be a loopback address in local mode")
+    for name in ("NGINX_HOST", "NGINX_STATUS_HOST"):
+        try:
+            address = ipaddress.ip_address(settings[name])
+        except ValueError as exc:
+            raise ConfigError(f"{name}={settings[name]!r} is not an IP address") from exc
+        if not address.is_loopback:
+            raise ConfigError(f"{name} must be a loopback address in local mode")
     for name in ("LOCAL_STARTUP_TIMEOUT", "LOCAL_STOP_TIMEOUT", "UWSGI_WEBSOCKETS_PING_FREQ"):
         if not settings[name].isdigit() or int(settings[name]) < 1:
             raise ConfigError(f"{name}={settings[name]!r} must be a whole number of seconds >= 1")
@@ -515,7 +518,7 @@ def listening_ports(settings):
     """(setting it derives from, port, host) of every server the stack starts."""
     yield "NGINX_PORT", int(settings["NGINX_PORT"]), settings["NGINX_HOST"]
     yield "NGINX_TLS_PORT", int(settings["NGINX_TLS_PORT"]), settings["NGINX_HOST"]
-    yield "NGINX_STATUS_PORT", int(settings["NGINX_STATUS_PORT"]), settings["NGINX_HOST"]
+    yield "NGINX_STATUS_PORT", int(settings["NGINX_STATUS_PORT"]), settings["NGINX_STATUS_HOST"]
     yield "LOCAL_REDIS_PORT", int(settings["LOCAL_REDIS_PORT"]), "127.0.0.1"
     yield "LOCAL_DNS_PORT", int(settings["LOCAL_DNS_PORT"]), "127.0.0.1"
     for names in APP_PORT_SETTINGS.values():

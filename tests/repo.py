@@ -43,6 +43,7 @@ def render_nginx(tmp_path, **overrides):
         "NGINX_ENVSUBST_FILTER": "^NGINX_",
         "NGINX_HOST": "127.0.0.1",
         "NGINX_PORT": "18080",
+        "NGINX_STATUS_HOST": "127.0.0.1",
         "NGINX_STATUS_PORT": "18081",
         "NGINX_PROXY_READ_TIMEOUT": "60s",
         "NGINX_SEND_TIMEOUT": "10s",

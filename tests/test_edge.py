@@ -154,6 +154,18 @@ def free_port():
     return repo_free_port()
 
 
+@pytest.mark.parametrize("backend", ["uwsgi", "flask"])
+def test_the_apps_public_health_names_no_process_even_when_asked(backend):
+    # X-Health-Detail: 1 is what nginx's status listener sends; from a client nginx drops it.
+    for headers in ({}, {"X-Health-Detail": "1"}):
+        response = http_get(f"/{backend}/healthz", headers=headers)
+        report = json.loads(response.body)
+        assert response.status == 200 and report["app"] == f"{backend}-app", report
+        assert not {"pid", "master_pid"} & set(report), report
+        # What tells replicas apart instead: an opaque id per app instance.
+        assert len(report["instance"]) == 16 and int(report["instance"], 16) >= 0, report
+
+
 @pytest.mark.local
 def test_public_health_is_rate_limited_and_the_detailed_health_is_internal(tmp_path):
     from local_processes import running_nginx
@@ -172,7 +184,7 @@ def test_public_health_is_rate_limited_and_the_detailed_health_is_internal(tmp_p
         for app in ("uwsgi-app", "flask-app"):
             status, body = get(f"http://127.0.0.1:{status_port}/healthz/{app}")
             report = json.loads(body)
-            assert status == 200 and report["app"] == app and report["master_pid"] > 0, report
+            assert status == 200 and report["app"] == app and report["master_pid"] > 0 and report["pid"] > 0, report
         # ...and asks no rate limit of the monitoring that reads it.
         assert {status_of(f"http://127.0.0.1:{status_port}/healthz/uwsgi-app") for _ in range(6)} == {200}
 

@@ -124,10 +124,16 @@ def test_every_object_matches_the_kubernetes_api_schema(kustomization, version):
     assert {"Deployment", "Service", "PodDisruptionBudget", "ConfigMap"} <= {obj["kind"] for obj in render(kustomization)}
 
 
+# Where a pod differs from a compose container on purpose: one interface, no networks to choose
+# from (the NetworkPolicies restrict the status port instead).
+K8S_DIFFERS = {"nginx": {"NGINX_STATUS_HOST": "0.0.0.0"}}
+
+
 def test_the_environment_is_composes_with_the_same_defaults():
     services = compose()["services"]
     for deployment in APPS + ["nginx"]:
         expected = {name: compose_value(value) for name, value in services[deployment]["environment"].items()}
+        expected.update(K8S_DIFFERS.get(deployment, {}))
         assert environment("k8s/base", deployment) == expected, deployment
 
 
@@ -203,7 +209,7 @@ def test_probe_paths_answer_200_on_the_running_stack():
 def test_the_apps_health_stays_200_when_redis_is_down(monkeypatch):
     # Otherwise a Redis blip would take every app pod out of the Service and restart them all.
     monkeypatch.setenv("REDIS_URL", "redis://127.0.0.1:9/0")  # discard port: nothing listens
-    result = run_python("from wsstack import health; status, _, body = health.report('probe'); print(status); "
+    result = run_python("from wsstack import health; status, _, body = health.report('probe', {}); print(status); "
                         "print(body.decode())", "common")
     assert result.returncode == 0, result.stderr
     status, body = result.stdout.splitlines()

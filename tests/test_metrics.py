@@ -107,7 +107,7 @@ def local_internal_addresses():
         "metrics": {"uwsgi": [f"http://{a}/metrics" for a in replicas("LOCAL_UWSGI_APP_METRICS_PORT")],
                     "flask": [f"http://{a}/metrics" for a in replicas("LOCAL_FLASK_APP_METRICS_PORT")]},
         "stats": [f"http://{a}" for a in replicas("LOCAL_UWSGI_APP_STATS_PORT") + replicas("LOCAL_FLASK_APP_STATS_PORT")],
-        "stub_status": f"http://{settings['NGINX_HOST']}:{settings['NGINX_STATUS_PORT']}/stub_status",
+        "stub_status": f"http://{settings['NGINX_STATUS_HOST']}:{settings['NGINX_STATUS_PORT']}/stub_status",
         "processes": int(os.environ.get("UWSGI_PROCESSES", "2")),
     }
 

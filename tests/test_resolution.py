@@ -84,6 +84,9 @@ def apps_by_name(tmp_path):
         process, url = start_app(app, tmp_path / log_name, host=host, port=ports[app], UWSGI_PROCESSES="1")
         started.append(process)
         wait_healthy(process, url)
+        # The id its /healthz names it by (what tells instances apart through nginx)
+        with urllib.request.urlopen(url + "/healthz", timeout=5) as response:
+            process.instance = json.loads(response.read())["instance"]
         return process
 
     try:
@@ -98,16 +101,16 @@ def apps_by_name(tmp_path):
         stop(dns.process)
 
 
-def poll_until_served_by(nginx_ws, masters, deadline_after):
-    """Ask /uwsgi/healthz through nginx until every master in MASTERS has answered; return
+def poll_until_served_by(nginx_ws, instances, deadline_after):
+    """Ask /uwsgi/healthz through nginx until every app instance in INSTANCES has answered; return
     (seconds it took, statuses seen). Fails if that takes longer than DEADLINE_AFTER."""
     started, seen, statuses = time.monotonic(), set(), []
-    while not masters <= seen:
-        assert time.monotonic() - started < deadline_after, f"only {seen} of {masters} reached; statuses {statuses}"
+    while not instances <= seen:
+        assert time.monotonic() - started < deadline_after, f"only {seen} of {instances} reached; statuses {statuses}"
         status, body = through(nginx_ws, "/uwsgi/healthz")
         statuses.append(status)
         if status == 200:
-            seen.add(body["master_pid"])
+            seen.add(body["instance"])
             # Paced below nginx's per-address request rate on the app locations
             # (NGINX_WS_HANDSHAKES_PER_SECOND): a 429 here would be this loop's, not a lost backend.
             time.sleep(0.02)
@@ -118,7 +121,7 @@ def poll_until_served_by(nginx_ws, masters, deadline_after):
 
 def test_a_backend_recreated_on_a_new_address_is_followed_within_the_ttl(apps_by_name):
     nginx_ws, dns, first, start = apps_by_name
-    assert through(nginx_ws, "/uwsgi/healthz")[1]["master_pid"] == first["uwsgi-app"].pid
+    assert through(nginx_ws, "/uwsgi/healthz")[1]["instance"] == first["uwsgi-app"].instance
     with connect(nginx_ws + "/flask/ws/echo") as bystander, connect(nginx_ws + "/uwsgi/ws/echo") as old:
         echo(bystander, "before")
         echo(old, "before")
@@ -128,7 +131,7 @@ def test_a_backend_recreated_on_a_new_address_is_followed_within_the_ttl(apps_by
         recreated = start("uwsgi-app", "127.0.0.7", "uwsgi-app-recreated.log")
         dns.update(uwsgi_app=["127.0.0.7"])
         updated = time.monotonic()
-        took, statuses = poll_until_served_by(nginx_ws, {recreated.pid}, VALID + MARGIN)
+        took, statuses = poll_until_served_by(nginx_ws, {recreated.instance}, VALID + MARGIN)
 
         # Refused connections (502) only until nginx's cached answer expired, then never again.
         # Each nginx worker caches on its own: the last copy of the old address has expired
@@ -137,7 +140,7 @@ def test_a_backend_recreated_on_a_new_address_is_followed_within_the_ttl(apps_by
         time.sleep(max(0.0, updated + VALID + 0.2 - time.monotonic()))
         for _ in range(20):
             status, body = through(nginx_ws, "/uwsgi/healthz")
-            assert (status, body["master_pid"]) == (200, recreated.pid)
+            assert (status, body["instance"]) == (200, recreated.instance)
         with connect(nginx_ws + "/uwsgi/ws/echo") as fresh:
             echo(fresh, "after")
 
@@ -153,7 +156,7 @@ def test_a_backend_scaled_out_gets_new_connections_within_the_ttl(apps_by_name):
         # As compose --scale uwsgi-app=2: a second address for the same name.
         second = start("uwsgi-app", "127.0.0.8", "uwsgi-app-second.log")
         dns.update(uwsgi_app=["127.0.0.1", "127.0.0.8"])
-        _took, statuses = poll_until_served_by(nginx_ws, {first["uwsgi-app"].pid, second.pid}, VALID + MARGIN)
+        _took, statuses = poll_until_served_by(nginx_ws, {first["uwsgi-app"].instance, second.instance}, VALID + MARGIN)
         # Both instances were up all along: not one request failed.
         assert set(statuses) == {200}, statuses
         echo(existing, "after")

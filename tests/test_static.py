@@ -165,7 +165,8 @@ PORTS_SCRIPT = REPO / "nginx" / "docker-entrypoint.d" / "10-ports.envsh"
     ("NGINX_STATUS_PORT", "", ""),
 ])
 def test_the_image_refuses_a_listening_port_that_is_not_a_number(setting, value, hint):
-    env = {"PATH": os.environ["PATH"], "NGINX_PORT": "8080", "NGINX_STATUS_PORT": "8081", setting: value}
+    env = {"PATH": os.environ["PATH"], "NGINX_PORT": "8080", "NGINX_STATUS_PORT": "8081", "NGINX_STATUS_HOST": "0.0.0.0",
+           setting: value}
     # Sourced, as the official entrypoint does with *.envsh.
     result = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env=env, capture_output=True, text=True)
     assert result.returncode != 0
@@ -174,6 +175,18 @@ def test_the_image_refuses_a_listening_port_that_is_not_a_number(setting, value,
     assert os.access(PORTS_SCRIPT, os.X_OK)  # the entrypoint skips scripts that are not executable
     good = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env={**env, setting: "8082"}, capture_output=True, text=True)
     assert good.returncode == 0, good.stderr
+
+
+@pytest.mark.parametrize("value", ["", "0.0.0.0:9; allow all", "nginx status", "127.0.0.1\nlisten 80"])
+def test_the_image_refuses_a_status_host_that_is_not_an_address(value):
+    env = {"PATH": os.environ["PATH"], "NGINX_PORT": "8080", "NGINX_STATUS_PORT": "8081", "NGINX_STATUS_HOST": value}
+    result = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env=env, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "10-ports.envsh: NGINX_STATUS_HOST=" in result.stderr and "is not an IP address or host name" in result.stderr
+    for good in ("0.0.0.0", "nginx-status", "[::]", "10.89.2.3"):
+        accepted = subprocess.run(["sh", "-c", f'. "{PORTS_SCRIPT}"'], env={**env, "NGINX_STATUS_HOST": good},
+                                  capture_output=True, text=True)
+        assert accepted.returncode == 0, (good, accepted.stderr)
 
 
 @pytest.mark.parametrize("setting", ["NGINX_PORT", "NGINX_STATUS_PORT", "NGINX_TLS_PORT"])

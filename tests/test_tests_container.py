@@ -5,6 +5,7 @@ tests container runs only as long as the suite, so the suite checks itself.
 """
 import errno
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,19 @@ def test_only_tmp_is_writable(tmp_path):
     # pytest's tmp_path lives in the /tmp tmpfs
     assert str(tmp_path).startswith("/tmp/")
     (tmp_path / "probe").write_text("x")
+
+
+# The compose networks (docs/operations.md, "Networks"): the tests container is on edge only,
+# as a client is. Names behind nginx do not resolve here; the host-side checks
+# (tests/compose/test_containers.py) show their addresses are not reachable either.
+@pytest.mark.parametrize("name", ["redis", "uwsgi-app", "flask-app", "nginx-status"])
+def test_nothing_behind_nginx_resolves_from_the_edge_network(name):
+    with pytest.raises(socket.gaierror):
+        socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
+
+
+def test_nginx_is_reachable_on_its_public_port_only():
+    socket.create_connection(("nginx", 8080), timeout=5).close()
+    # The status listener binds nginx's address on the apps network, not this one.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("nginx", int(os.environ.get("NGINX_STATUS_PORT", "8081"))), timeout=5)

@@ -141,7 +141,7 @@ def route(environ, start_response):
     if path == "/auth/token":
         return http.respond(start_response, token_issuer.handle(VERIFIER, environ))
     if path == "/healthz":
-        return http.respond(start_response, health.report(APP_NAME))
+        return http.respond(start_response, health.report(APP_NAME, environ))
     return http.respond(start_response, http.not_found())
 
 

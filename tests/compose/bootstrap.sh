@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# TEST INFRASTRUCTURE: what `make test-compose` needs beyond `make test`: podman (runc, CNI
-# with the dnsname plugin so containers find each other by service name, catatonit as the
-# containers' init), debootstrap for the stand-in base images, and podman-compose in .venv.
+# TEST INFRASTRUCTURE: what `make test-compose` needs beyond `make test`: podman (runc,
+# netavark with aardvark-dns so containers find each other by service name on every network
+# they share, catatonit as the containers' init), debootstrap for the stand-in base images,
+# and podman-compose in .venv.
 # Installs only what is missing.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -10,7 +11,11 @@ packages=()
 command -v podman >/dev/null || packages+=(podman)
 command -v runc >/dev/null || packages+=(runc)
 command -v debootstrap >/dev/null || packages+=(debootstrap)
-[ -x /usr/lib/cni/dnsname ] || packages+=(golang-github-containernetworking-plugin-dnsname)
+# containers.conf selects netavark: podman 4.3's CNI default (with the dnsname plugin) gives
+# each network a DNS server that knows only that network, so a container on two compose
+# networks could not resolve names on both (docs/testing.md).
+[ -x /usr/lib/podman/netavark ] || packages+=(netavark)
+[ -x /usr/lib/podman/aardvark-dns ] || packages+=(aardvark-dns)
 # podman's init for the services with `init: true` (Docker ships its own, docker-init)
 [ -x /usr/libexec/podman/catatonit ] || packages+=(catatonit)
 if [ ${#packages[@]} -gt 0 ]; then

@@ -289,3 +289,116 @@ def test_redis_can_write_its_append_only_file_to_its_volume():
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 0 and result.stdout.strip() == "999", result
     assert any(point == "/data" and fstype != "tmpfs" for _, point, _, fstype in mounts(main_pid("redis")))
+
+
+# The networks (docs/operations.md, "Networks"): edge (nginx, tests), apps (nginx, the apps),
+# data (the apps, Redis); apps and data internal. Checked by address, from inside the
+# containers, so that a name that merely fails to resolve proves nothing.
+NETWORKS = {"nginx": {"edge", "apps"}, "uwsgi-app": {"apps", "data"}, "flask-app": {"apps", "data"},
+            "redis": {"data"}}
+
+
+def addresses(service):
+    """{network: address} of the running service, by the compose file's network names."""
+    prefix = f"{PROJECT}_"
+    return {name.removeprefix(prefix): settings["IPAddress"]
+            for name, settings in inspect(service)["NetworkSettings"]["Networks"].items()}
+
+
+def connects_from(service, host, port):
+    """Whether SERVICE's container opens a TCP connection to HOST:PORT (python in the app
+    images; curl in nginx's, which has no python). False means refused or no route/timeout."""
+    if service == "nginx":
+        result = subprocess.run(["podman", "exec", container("nginx"), "curl", "-sS", "-o", "/dev/null",
+                                 "--connect-timeout", "3", f"http://{host}:{port}/"], capture_output=True, text=True,
+                                timeout=30)
+        # 7: refused or unreachable, 28: timed out; anything else came after a connection.
+        return result.returncode not in (7, 28)
+    script = ("import socket, sys\ntry:\n socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=3).close()\n"
+              "except OSError:\n sys.exit(1)\n")
+    result = subprocess.run(["podman", "exec", container(service), "python", "-c", script, host, str(port)],
+                            capture_output=True, text=True, timeout=30)
+    return result.returncode == 0
+
+
+def test_each_service_is_on_its_networks_only():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    assert {name: compose["networks"][name].get("internal", False) for name in ("edge", "apps", "data")} \
+        == {"edge": False, "apps": True, "data": True}
+    for service, networks in NETWORKS.items():
+        assert set(addresses(service)) == networks, service
+
+
+def test_only_the_apps_reach_redis():
+    redis = addresses("redis")["data"]
+    assert connects_from("uwsgi-app", redis, 6379) and connects_from("flask-app", redis, 6379)
+    assert not connects_from("nginx", redis, 6379)
+
+
+def test_nginx_status_listener_is_on_the_apps_network_only():
+    nginx = addresses("nginx")
+    # Monitoring on the apps network reads it (from an app container here)...
+    script = ("import sys, urllib.request\n"
+              "print(urllib.request.urlopen(f'http://nginx-status:{sys.argv[1]}/stub_status', timeout=5).read().decode())")
+    port = os.environ.get("NGINX_STATUS_PORT", "8081")
+    result = subprocess.run(["podman", "exec", container("uwsgi-app"), "python", "-c", script, port],
+                            capture_output=True, text=True, timeout=30)
+    assert "Active connections:" in result.stdout, result
+    assert connects_from("flask-app", nginx["apps"], port)
+    # ...and nginx's address on edge has no such listener.
+    assert not connects_from("nginx", nginx["edge"], port)
+
+
+def test_the_tests_container_reaches_nginx_and_nothing_behind_it():
+    """A one-off tests container (the compose service, its networks) tries every address behind nginx."""
+    targets = [(addresses("redis")["data"], 6379), (addresses("nginx")["apps"], 8081)]
+    for app in ("uwsgi-app", "flask-app"):
+        targets += [(address, port) for address in addresses(app).values() for port in (8000, 9000)]
+    script = ("import socket, sys\nfor target in sys.argv[1:]:\n host, port = target.rsplit(':', 1)\n try:\n"
+              "  socket.create_connection((host, int(port)), timeout=3).close()\n  print('connected', target)\n"
+              " except OSError as error:\n  print('refused', target, type(error).__name__)\n")
+    argv = ["python", "-c", script, "nginx:8080"] + [f"{host}:{port}" for host, port in targets]
+    result = subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
+                             "-p", PROJECT, "--profile", "test",
+                             f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
+                             "run", "--rm", "--no-deps", "-T", "tests", *argv],
+                            capture_output=True, text=True, timeout=120)
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("connected", "refused"))]
+    assert lines[0] == "connected nginx:8080", result
+    assert all(line.startswith("refused") for line in lines[1:]) and len(lines) == 1 + len(targets), result
+
+
+def test_zy_a_full_redis_refuses_writes_and_drops_nothing():
+    """maxmemory (REDIS_MAXMEMORY, 160mb) with noeviction, in the running container: writes of
+    1 MiB as the apps' user until Redis refuses one. The refusal is Redis's OOM error, well
+    below the container's 256 MiB limit (so the kernel never kills Redis), and every key
+    written before it is still there. (Named zy: it runs late, and cleans up after itself.)"""
+    script = r'''
+        export REDISCLI_AUTH="$(cat /run/secrets/redis-password)"
+        cli() { redis-cli --no-auth-warning --user "$REDIS_USERNAME" "$@"; }
+        i=0
+        while [ "$i" -lt 400 ]; do
+            out=$(head -c 1048576 /dev/zero | tr '\0' x | cli -x set "chat:oom-test:$i")
+            [ "$out" = OK ] || { echo "refused $i $out"; break; }
+            i=$((i + 1))
+        done
+        # EXPIRE answers 1 for a key that exists: none was evicted. It also removes them.
+        kept=0; j=0
+        while [ "$j" -lt "$i" ]; do
+            [ "$(cli expire "chat:oom-test:$j" 1)" = 1 ] && kept=$((kept + 1))
+            j=$((j + 1))
+        done
+        echo "kept $kept"
+    '''
+    result = subprocess.run(["podman", "exec", container("redis"), "sh", "-c", script],
+                            capture_output=True, text=True, timeout=300)
+    refused = re.search(r"^refused (\d+) (.*)$", result.stdout, re.M)
+    assert refused and "OOM" in refused.group(2), result
+    written = int(refused.group(1))
+    # About 160 MiB of values (less what the chat already holds), never the container's 256.
+    assert 100 <= written <= 165, result
+    assert f"kept {written}" in result.stdout, result
+    assert inspect("redis")["State"]["Running"]
+    time.sleep(2)  # the 1 s expiries: the chat's writes work again
+    assert redis_cli_as_app("set", "chat:oom-test:after", "x").stdout.strip() == "OK"
+    redis_cli_as_app("expire", "chat:oom-test:after", "1")
