@@ -368,6 +368,37 @@ def test_the_tests_container_reaches_nginx_and_nothing_behind_it():
     assert all(line.startswith("refused") for line in lines[1:]) and len(lines) == 1 + len(targets), result
 
 
+def recreate_redis(**environment):
+    """As `REDIS_APPENDONLY=yes docker compose up -d redis` after a change: a new container
+    from the compose file with these settings, on the same redis-data volume; healthy on return."""
+    subprocess.run(["podman", "rm", "--force", "--time", "10", container("redis")], check=True, capture_output=True)
+    subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
+                    "-p", PROJECT, f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
+                    "up", "-d", "--no-deps", "redis"], check=True, capture_output=True, env={**os.environ, **environment})
+    wait_healthy(container("redis"), compose_service("redis")["healthcheck"])
+
+
+def test_zx_with_appendonly_the_chat_survives_a_redis_restart_in_its_volume():
+    """REDIS_APPENDONLY=yes: the append-only file on the redis-data volume brings the data back
+    after a restart; with the default (no), a restart starts empty. (Named zx: it replaces the
+    Redis container, and puts the default one back.)"""
+    def survives_restart(appendonly):
+        recreate_redis(REDIS_APPENDONLY=appendonly)
+        assert redis_cli_as_app("hset", "chat:persist-test", "kept", appendonly).stdout.strip() in ("0", "1")
+        subprocess.run(["podman", "restart", "--time", "10", container("redis")], check=True, capture_output=True)
+        wait_healthy(container("redis"), compose_service("redis")["healthcheck"])
+        value = redis_cli_as_app("hget", "chat:persist-test", "kept").stdout.strip()
+        redis_cli_as_app("expire", "chat:persist-test", "1")
+        return value == appendonly
+
+    try:
+        assert survives_restart("yes")
+        assert not survives_restart("no")
+    finally:
+        recreate_redis()
+    assert redis_cli_as_app("ping").stdout.strip() == "PONG"
+
+
 def test_zy_a_full_redis_refuses_writes_and_drops_nothing():
     """maxmemory (REDIS_MAXMEMORY, 160mb) with noeviction, in the running container: writes of
     1 MiB as the apps' user until Redis refuses one. The refusal is Redis's OOM error, well
