@@ -44,13 +44,21 @@ def test_only_tmp_is_writable(tmp_path):
 
 # The compose networks (docs/operations.md, "Networks"): the tests container is on edge only,
 # as a client is. Names behind nginx do not resolve here; the host-side checks
-# (tests/compose/test_containers.py) show their addresses are not reachable either.
+# (tests/compose/test_containers.py) show their addresses are not reachable either. In a
+# Kubernetes pod (make test-k8s runs this image too) there is one network, and the
+# NetworkPolicies' checks are tests/k8s/test_pods.py's.
+compose_networks = pytest.mark.skipif(os.environ.get("STACK_NETWORKS") != "compose",
+                                      reason="compose's networks (STACK_NETWORKS=compose, the compose tests service)")
+
+
+@compose_networks
 @pytest.mark.parametrize("name", ["redis", "uwsgi-app", "flask-app", "nginx-status"])
 def test_nothing_behind_nginx_resolves_from_the_edge_network(name):
     with pytest.raises(socket.gaierror):
         socket.getaddrinfo(name, 80, type=socket.SOCK_STREAM)
 
 
+@compose_networks
 def test_nginx_is_reachable_on_its_public_port_only():
     socket.create_connection(("nginx", 8080), timeout=5).close()
     # The status listener binds nginx's address on the apps network, not this one.
