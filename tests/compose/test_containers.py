@@ -327,6 +327,10 @@ def test_each_service_is_on_its_networks_only():
         == {"edge": False, "apps": True, "data": True}
     for service, networks in NETWORKS.items():
         assert set(addresses(service)) == networks, service
+    for app in ("uwsgi-app", "flask-app"):
+        resolv_conf = subprocess.run(["podman", "exec", container(app), "cat", "/etc/resolv.conf"],
+                                     capture_output=True, text=True, check=True).stdout
+        assert "options timeout:1" in resolv_conf, (app, resolv_conf)
 
 
 def test_only_the_apps_reach_redis():
