@@ -412,7 +412,9 @@ def run_idle(stack, settings):
     ping = stack.ping_interval()
     window, pings = ping_window(settings["idle_seconds"], ping)
     held = hold_idle(urls, count, groups, window)
-    per_group = {group: idle_figures(held, group, count // 2 if group in APPS else count, pings) for group in groups}
+    # Per ping only for the apps, which send them, and nginx, which relays them (Redis sees none).
+    per_group = {group: idle_figures(held, group, count // 2 if group in APPS else count,
+                                     pings if group in APPS or group == "nginx" else 0) for group in groups}
     progress(f"idle: {count} connections held {window} s, {held['dropped']} dropped")
     result = {"connections": count, "seconds": window, "ping_interval": ping, "pings": pings,
               "dropped": held["dropped"], "processes": per_group, "steps": held["steps"], "peers": {}}
