@@ -1,7 +1,6 @@
 """What a peer prints on its stdout once it accepts connections: one JSON line that bench.py
 waits for (its readiness signal) and records (the library's version and defaults)."""
 import json
-import sys
 
 
 def announce(name, port, version, ping_interval, settings, loop):
@@ -9,4 +8,3 @@ def announce(name, port, version, ping_interval, settings, loop):
     where it sends none."""
     print(json.dumps({"peer": name, "listening": f"127.0.0.1:{port}", "version": version,
                       "ping_interval": ping_interval, "settings": settings, "loop": loop}), flush=True)
-    sys.stdout.flush()
