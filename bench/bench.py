@@ -1,15 +1,18 @@
 """`make bench`: measure the stack, print ratios against the targets P1-P5 (docs/benchmark.md).
 
 Starts its own local stack (scripts/stack.py, on free loopback ports, with the abuse limits
-lifted: a benchmark is abuse by design), a reference echo server (picows) behind an nginx
-rendered from the same template, then runs, with a progress line per measurement:
+lifted: a benchmark is abuse by design) and the reference peers (bench/peers/: picows,
+aiohttp, uvicorn + Starlette, websockets; one process each, at the library's defaults), each
+behind an nginx of its own rendered from the same template, then runs, with a progress line
+per measurement:
 
   idle        IDLE connections through nginx split across both apps, held IDLE_SECONDS:
               memory per connection of every process, CPU while idle (over whole ping
-              intervals), drops
-  echo        closed loop, CONNECTIONS x SIZES, against every target, ROUNDS rounds
-              interleaved across targets, warm-up discarded: messages/s (median, min-max)
-              and latency p50/p99/p99.9 (HDR histograms)
+              intervals), drops; then IDLE/2 connections to each peer in turn, on its fresh
+              process, the same figures over whole intervals of that peer's own pings
+  echo        closed loop, CONNECTIONS x SIZES, against every target (apps and peers, direct
+              and via nginx), ROUNDS rounds interleaved across targets, warm-up discarded:
+              messages/s (median, min-max) and latency p50/p99/p99.9 (HDR histograms)
   fanout      one sender, FANOUT subscribers of one chat room split across both backends:
               delivery latency p50/p99
   handshakes  open+close through nginx, per backend: handshakes/s
@@ -33,6 +36,7 @@ import os
 import platform
 import re
 import secrets
+import select
 import shutil
 import signal
 import statistics
@@ -89,6 +93,12 @@ QUICK = {"rounds": 1, "connections": [1, 50], "sizes": [32], "warmup": 0.3, "dur
          "reconnect_apps": ["uwsgi-app"]}
 WORKLOADS = ("idle", "echo", "fanout", "handshakes", "resume", "reconnect")
 KEY_CELL = (50, 32)  # connections, bytes: the cell P1-P3 compare
+APPS = ("uwsgi-app", "flask-app")
+# The reference peers: what users would pick instead of the apps, one process each, each with
+# its library's idiomatic echo at its defaults (bench/peers/<script>). picows is P3's yardstick.
+PEERS = {"picows": "picows_echo.py", "aiohttp": "aiohttp_echo.py", "uvicorn": "uvicorn_echo.py",
+         "websockets": "websockets_echo.py"}
+PEER_READY_SECONDS = 30
 
 
 def free_ports(count):
@@ -150,14 +160,14 @@ def start_nginx(env, run_dir, name):
 
 
 class Stack:
-    """The local stack, a reference server and a reference nginx; stopped on exit."""
+    """The local stack and the peers, each peer behind an nginx of its own; stopped on exit."""
 
     def __init__(self, settings, run_dir):
         self.settings, self.run_dir = settings, run_dir
         self.processes = []
 
     def __enter__(self):
-        names = ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", "reference", "reference_nginx",
+        names = ("nginx", "nginx_tls", "uwsgi", "flask", "redis", "dns", *PEERS, *(f"{p} nginx" for p in PEERS),
                  *stack_runner.INTERNAL_PORT_SETTINGS)
         self.ports = dict(zip(names, free_ports(len(names))))
         per_app = self.settings["idle"] // 2
@@ -185,8 +195,8 @@ class Stack:
         stack = subprocess.Popen([sys.executable, "stack.py"], cwd=REPO / "scripts", env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.STDOUT, text=True)
         self.processes.append(stack)
-        # `with` calls __exit__ only once __enter__ returned: a failure from here on (the
-        # reference server or its nginx not coming up) must stop what already runs itself.
+        # `with` calls __exit__ only once __enter__ returned: a failure from here on (a peer
+        # or its nginx not coming up) must stop what already runs itself.
         try:
             for line in stack.stdout:
                 log.write(line)
@@ -197,22 +207,31 @@ class Stack:
                 raise SystemExit(f"bench: the stack did not start; see {self.run_dir / 'stack.log'}")
             # Keep draining its output so it never blocks on a full pipe.
             threading.Thread(target=lambda: [log.write(line) for line in stack.stdout], daemon=True).start()
-            self._start_reference()
+            self.peers, self.peer_pids = {}, {}
+            for name in PEERS:
+                self._start_peer(name)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
         return self
 
-    def _start_reference(self):
-        reference = subprocess.Popen([sys.executable, str(HERE / "reference_server.py"), str(self.ports["reference"])],
-                                     stdout=subprocess.PIPE, text=True)
-        self.processes.append(reference)
-        reference.stdout.readline()  # "listening": it is ready
-        upstream = f"127.0.0.1:{self.ports['reference']}"
-        env = nginx_env(self.stack_env, self.ports["reference_nginx"], upstream, upstream,
+    def _start_peer(self, name):
+        """The peer, then an nginx rendered from the template with both app upstreams on it."""
+        log = open(self.run_dir / f"peer-{name}.log", "w")
+        peer = subprocess.Popen([sys.executable, str(HERE / "peers" / PEERS[name]), str(self.ports[name])],
+                                stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL, text=True)
+        self.processes.append(peer)
+        self.peers[name] = read_ready(peer, name, self.run_dir / f"peer-{name}.log")
+        # Its stdout goes on to the log (uvicorn's access log writes there): a full pipe would block it.
+        threading.Thread(target=lambda: [log.write(line) for line in peer.stdout], daemon=True).start()
+        upstream = f"127.0.0.1:{self.ports[name]}"
+        env = nginx_env(self.stack_env, self.ports[f"{name} nginx"], upstream, upstream,
                         f"127.0.0.1:{self.ports['dns']}")
-        self.processes.append(start_nginx(env, self.run_dir, "reference"))
-        asyncio.run(wait_for_echo(f"ws://127.0.0.1:{self.ports['reference_nginx']}/uwsgi/ws/echo"))
+        nginx = start_nginx(env, self.run_dir, f"peer-{name}")
+        self.processes.append(nginx)
+        self.peer_pids[name] = {"server": peer.pid, "nginx": nginx.pid}
+        for url in (self.targets()[f"{name} direct"], self.targets()[f"{name} via nginx"]):
+            asyncio.run(wait_for_echo(url))
 
     def ping_interval(self):
         """Seconds between the apps' keep-alive pings in this stack (make run's setting)."""
@@ -225,8 +244,9 @@ class Stack:
             "uwsgi-app via nginx": f"ws://127.0.0.1:{p['nginx']}/uwsgi/ws/echo",
             "flask-app direct": f"ws://127.0.0.1:{p['flask']}/ws/echo",
             "flask-app via nginx": f"ws://127.0.0.1:{p['nginx']}/flask/ws/echo",
-            "reference direct": f"ws://127.0.0.1:{p['reference']}/ws/echo",
-            "reference via nginx": f"ws://127.0.0.1:{p['reference_nginx']}/uwsgi/ws/echo",
+            **{target: url for name in PEERS for target, url in (
+                (f"{name} direct", f"ws://127.0.0.1:{p[name]}/ws/echo"),
+                (f"{name} via nginx", f"ws://127.0.0.1:{p[f'{name} nginx']}/uwsgi/ws/echo"))},
         }
 
     def process_groups(self):
@@ -260,6 +280,18 @@ class Stack:
 
     def __exit__(self, *exc):
         stop_processes(self.processes, 60)
+
+
+def read_ready(process, name, log):
+    """A peer's readiness line (bench/peers/ready.py), read as soon as it is written; a peer
+    that exits or says nothing within PEER_READY_SECONDS stops the bench with its log."""
+    ready, _, _ = select.select([process.stdout], [], [], PEER_READY_SECONDS)
+    line = process.stdout.readline() if ready else ""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        process.kill()
+        raise SystemExit(f"bench: the {name} peer did not come up (said {line!r}); see {log}") from None
 
 
 def stop_processes(processes, timeout):
@@ -319,20 +351,24 @@ def run_echo(stack, settings):
     return summary
 
 
-def run_idle(stack, settings):
-    urls = [stack.targets()["uwsgi-app via nginx"], stack.targets()["flask-app via nginx"]]
-    count, groups = settings["idle"], stack.process_groups()
-    # Idle CPU is almost all keep-alive pings, one per connection per ping interval: CPU is
-    # measured over a whole number of intervals (as many as fit in IDLE_SECONDS, at least
-    # one), so that every connection pings the same number of times inside the window
-    # whatever its phase. (Quick runs are shorter than one interval: no pings counted.)
-    ping = stack.ping_interval()
-    window = settings["idle_seconds"] if settings["idle_seconds"] < ping else ping * (settings["idle_seconds"] // ping)
+def ping_window(idle_seconds, ping):
+    """(seconds, pings per connection) of the CPU window: idle CPU is almost all keep-alive
+    pings, one per connection per interval, so it is measured over a whole number of that
+    server's intervals (as many as fit in IDLE_SECONDS, at least one), and every connection
+    pings the same number of times inside it whatever its phase. A server that sends no pings,
+    or a run shorter than one interval (quick runs), counts none over IDLE_SECONDS."""
+    if not ping or idle_seconds < ping:
+        return idle_seconds, 0
+    return ping * (idle_seconds // ping), int(idle_seconds // ping)
+
+
+def hold_idle(urls, count, groups, window):
+    """`count` idle connections spread over `urls`, opened in four steps (RSS of `groups` after
+    each), then held `window` s: {steps, before, start, end, elapsed, dropped}."""
     before = procstats.snapshot(groups)
     steps, opened = [], []
 
     async def scenario():
-        # Opened in four steps, memory measured after each: memory against connections.
         for quarter in range(4):
             opened.extend(await loadgen.open_idle(urls, count // 4 + (count % 4 if quarter == 3 else 0)))
             await asyncio.sleep(1)  # let the servers' allocations settle before reading RSS
@@ -351,18 +387,50 @@ def run_idle(stack, settings):
         return start, end, elapsed, dropped
 
     start, end, elapsed, dropped = asyncio.run(scenario())
-    base, held, idle_start = procstats.totals(before), procstats.totals(end), procstats.totals(start)
-    per_group = {}
-    for group in groups:
-        per_app_connections = count / 2 if group.endswith("-app") else count
-        per_group[group] = {
-            "cpu_percent_of_one_core": 100 * (held[group][0] - idle_start[group][0]) / elapsed,
-            "rss_bytes_before": base[group][1], "rss_bytes_held": held[group][1],
-            "kib_per_connection": (held[group][1] - base[group][1]) / 1024 / per_app_connections,
-        }
-    progress(f"idle: {count} connections held {window} s, {dropped} dropped")
-    return {"connections": count, "seconds": window, "ping_interval": ping, "dropped": dropped,
-            "processes": per_group, "steps": steps}
+    return {"steps": steps, "before": procstats.totals(before), "start": procstats.totals(start),
+            "end": procstats.totals(end), "elapsed": elapsed, "dropped": dropped}
+
+
+def idle_figures(held, group, connections, pings):
+    """CPU and memory of one process group over a hold_idle() window, per connection it held."""
+    cpu_seconds = held["end"][group][0] - held["start"][group][0]
+    return {
+        "connections": connections,
+        "cpu_percent_of_one_core": 100 * cpu_seconds / held["elapsed"],
+        # per connection per ping: what one keep-alive costs (None where none was sent)
+        "cpu_us_per_connection_per_ping": 1e6 * cpu_seconds / (connections * pings) if pings else None,
+        "rss_bytes_before": held["before"][group][1], "rss_bytes_held": held["end"][group][1],
+        "kib_per_connection": (held["end"][group][1] - held["before"][group][1]) / 1024 / connections,
+    }
+
+
+def run_idle(stack, settings):
+    """The apps first (through the stack's nginx, split across both), then each peer on its own
+    fresh process through its nginx, as many connections as one app holds."""
+    urls = [stack.targets()["uwsgi-app via nginx"], stack.targets()["flask-app via nginx"]]
+    count, groups = settings["idle"], stack.process_groups()
+    ping = stack.ping_interval()
+    window, pings = ping_window(settings["idle_seconds"], ping)
+    held = hold_idle(urls, count, groups, window)
+    # Per ping only for the apps, which send them, and nginx, which relays them (Redis sees none).
+    per_group = {group: idle_figures(held, group, count // 2 if group in APPS else count,
+                                     pings if group in APPS or group == "nginx" else 0) for group in groups}
+    progress(f"idle: {count} connections held {window} s, {held['dropped']} dropped")
+    result = {"connections": count, "seconds": window, "ping_interval": ping, "pings": pings,
+              "dropped": held["dropped"], "processes": per_group, "steps": held["steps"], "peers": {}}
+    for name, ready in stack.peers.items():
+        peer_count = count // 2
+        peer_window, peer_pings = ping_window(settings["idle_seconds"], ready["ping_interval"])
+        peer_groups = {name: [stack.peer_pids[name]["server"]], "nginx": [stack.peer_pids[name]["nginx"]]}
+        peer_held = hold_idle([stack.targets()[f"{name} via nginx"]], peer_count, peer_groups, peer_window)
+        result["peers"][name] = {
+            **idle_figures(peer_held, name, peer_count, peer_pings), "seconds": peer_window,
+            "ping_interval": ready["ping_interval"], "pings": peer_pings, "dropped": peer_held["dropped"],
+            "nginx": idle_figures(peer_held, "nginx", peer_count, peer_pings), "steps": peer_held["steps"]}
+        row = result["peers"][name]
+        progress(f"idle: {name}: {peer_count} connections held {peer_window} s ({peer_pings} pings each), "
+                 f"{row['kib_per_connection']:.1f} KiB per connection, {peer_held['dropped']} dropped")
+    return result
 
 
 def chat_url(port, backend, room):
@@ -670,7 +738,7 @@ def parse_args(argv):
 
 def main(argv=None):
     args, settings = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so the stack, the reference server and its nginx are stopped.
+    # SIGTERM unwinds like Ctrl-C, so the stack, the peers and their nginx are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     # Absolute: nginx gets paths under it as its prefix, and -c relative to the prefix would double them.
     out = (args.out or REPO / ".run" / "bench" / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")).resolve()
@@ -681,7 +749,7 @@ def main(argv=None):
         progress(f"stack up (nginx :{stack.ports['nginx']}); mode {'quick' if args.quick else 'full'}")
         results = {
             "mode": "quick" if args.quick else "full", "settings": settings, "stack_settings": STACK_SETTINGS,
-            "versions": versions(), "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "versions": versions(), "peers": stack.peers, "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "workloads": list(args.only or WORKLOADS),
         }
         # In WORKLOADS' order: idle first, on fresh workers (after the echo workloads, idle
@@ -694,6 +762,7 @@ def main(argv=None):
                 results[name] = runners[name](stack, settings)
     results["seconds"] = round(time.monotonic() - started, 1)
     results["targets"] = report.targets(results, KEY_CELL)
+    results["peer_ratios"] = report.peer_ratios(results, KEY_CELL[0], APPS, list(PEERS))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     markdown = report.markdown(results)
     (out / "results.md").write_text(markdown)

@@ -7,12 +7,59 @@ import matplotlib.pyplot as plt  # noqa: E402
 MIB = 1024 * 1024
 
 
-def echo_rate(results, target, cell):
+def echo_row(results, target, cell):
     connections, size = cell
     for row in results.get("echo", []):
         if (row["target"], row["connections"], row["size"]) == (target, connections, size):
-            return row["messages_per_second"]
+            return row
     return None
+
+
+def echo_rate(results, target, cell):
+    row = echo_row(results, target, cell)
+    return row and row["messages_per_second"]
+
+
+def echo_p99(results, target, cell):
+    row = echo_row(results, target, cell)
+    return row and row["p99_us"]
+
+
+def idle_figure(results, server, key):
+    """An idle figure of an app (the stack's processes) or a peer (its own run), or None."""
+    idle = results.get("idle")
+    if not idle:
+        return None
+    row = idle["processes"].get(server) or idle["peers"].get(server)
+    return row and row[key]
+
+
+def peer_ratios(results, connections, apps, peers):
+    """For each figure: the best peer and each app's ratio to it (app / best peer). Echo at
+    `connections` x every size of the run, via nginx; idle memory and CPU per ping (of the
+    peers that ping: one that sends none has no such cost to compare)."""
+    figures = []
+    for size in results["settings"]["sizes"]:
+        cell = (connections, size)
+        figures.append((f"echo msg/s, {connections} x {size} B via nginx", "higher",
+                        lambda t, cell=cell: echo_rate(results, f"{t} via nginx", cell)))
+        figures.append((f"echo p99 us, {connections} x {size} B via nginx", "lower",
+                        lambda t, cell=cell: echo_p99(results, f"{t} via nginx", cell)))
+    figures.append(("memory per idle connection, KiB", "lower",
+                    lambda t: idle_figure(results, t, "kib_per_connection")))
+    figures.append(("idle CPU per connection per ping, us", "lower",
+                    lambda t: idle_figure(results, t, "cpu_us_per_connection_per_ping")))
+    rows = []
+    for figure, better, value in figures:
+        measured = {peer: value(peer) for peer in peers}
+        candidates = {peer: v for peer, v in measured.items() if v is not None}
+        pick = max if better == "higher" else min
+        best = pick(candidates, key=candidates.get) if candidates else None
+        rows.append({"figure": figure, "better": better, "best_peer": best,
+                     "best": candidates.get(best), "peers": measured,
+                     "apps": {app: {"value": value(app), "ratio": ratio(value(app), candidates.get(best))}
+                              for app in apps}})
+    return rows
 
 
 def ratio(numerator, denominator):
@@ -38,8 +85,8 @@ def targets(results, cell):
          ratio(rate("uwsgi-app via nginx"), rate("uwsgi-app direct")), ">= 0.60", lambda v: v >= 0.60),
         ("P2", f"flask-app / uwsgi-app, both via nginx, {where}",
          ratio(rate("flask-app via nginx"), rate("uwsgi-app via nginx")), ">= 0.80", lambda v: v >= 0.80),
-        ("P3", f"uwsgi-app / reference server, both via nginx, {where}",
-         ratio(rate("uwsgi-app via nginx"), rate("reference via nginx")), ">= 0.90", lambda v: v >= 0.90),
+        ("P3", f"uwsgi-app / picows (the reference peer), both via nginx, {where}",
+         ratio(rate("uwsgi-app via nginx"), rate("picows via nginx")), ">= 0.90", lambda v: v >= 0.90),
         ("P4a", f"{idle['connections'] if idle else 'n/a'} idle connections: CPU of both apps, % of one core",
          app_cpu, "< 1", lambda v: v < 1),
         ("P4b", "idle: memory per connection, worst app, KiB", worst_kib, "<= 20", lambda v: v <= 20),
@@ -62,17 +109,40 @@ def markdown(results):
     lines = [f"# Benchmark ({results['mode']} run, {results['seconds']} s)", ""]
     v = results["versions"]
     lines += [f"{v['cpus']} CPUs, Python {v['python']}, kernel {v['kernel']}, {v['nginx']}, uWSGI {v['uwsgi']}, "
-              f"{v['redis']}, picows {v['picows']}. Settings: `{results['settings']}`; limits lifted for the "
+              f"{v['redis']}. Settings: `{results['settings']}`; limits lifted for the "
               f"run: `{results['stack_settings']}`.", ""]
     lines += ["| Target | What | Measured | Goal | Met |", "|---|---|---|---|---|"]
     for row in results["targets"]:
         met = "n/a" if row["met"] is None else ("yes" if row["met"] else "**no**")
         lines.append(f"| {row['id']} | {row['what']} | {_number(row['measured'], 3)} | {row['target']} | {met} |")
+    lines += _peers(results)
     for name, section in (("echo", _echo), ("idle", _idle), ("fanout", _fanout), ("handshakes", _handshakes),
                           ("resume", _resume), ("reconnect", _reconnect)):
         if results.get(name):
             lines += section(results)
     return "\n".join(lines) + "\n"
+
+
+def _peers(results):
+    lines = ["", "## Peers", "", "One process each, the library's idiomatic echo at its defaults (bench/peers/), "
+             "each behind an nginx of its own rendered from the apps' template.", "",
+             "| Peer | Version | Event loop | Keep-alive ping interval (s) | Defaults |", "|---|---|---|---|---|"]
+    for name, peer in results["peers"].items():
+        ping = "none (sends no pings)" if peer["ping_interval"] is None else _number(peer["ping_interval"], 0)
+        settings = ", ".join(f"{k}={v}" for k, v in peer["settings"].items())
+        lines.append(f"| {name} | {peer['version']} | {peer['loop']} | {ping} | {settings} |")
+    lines += ["", "### Each app against the best peer", "",
+              "Ratio: app / best peer on that figure. For msg/s above 1 is ahead of every peer; for the others "
+              "(lower is better) below 1 is.", "",
+              "| Figure | Best peer | Best peer's value | " + " | ".join(
+                  f"{app} | {app} / best" for app in next(iter(results["peer_ratios"]))["apps"]) + " | Every peer |",
+              "|---|---|---|" + "---|---|" * len(next(iter(results["peer_ratios"]))["apps"]) + "---|"]
+    for row in results["peer_ratios"]:
+        apps = " | ".join(f"{_number(a['value'], 1)} | {_number(a['ratio'], 2)}" for a in row["apps"].values())
+        every = ", ".join(f"{peer} {_number(value, 1)}" for peer, value in row["peers"].items())
+        lines.append(f"| {row['figure']} | {row['best_peer'] or 'n/a'} | {_number(row['best'], 1)} | {apps} | "
+                     f"{every} |")
+    return lines
 
 
 def _echo(results):
@@ -91,11 +161,24 @@ def _idle(results):
     pings = f", CPU over {idle['seconds'] // idle['ping_interval']} ping interval(s) of {idle['ping_interval']} s" \
         if idle["seconds"] >= idle["ping_interval"] else ""
     lines = ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
-              "| Processes | CPU % of one core | RSS before (MiB) | RSS held (MiB) | KiB per connection |",
-              "|---|---|---|---|---|"]
+              "| Processes | CPU % of one core | CPU us per connection per ping | RSS before (MiB) | RSS held (MiB) | "
+              "KiB per connection |", "|---|---|---|---|---|---|"]
     for group, row in idle["processes"].items():
-        lines.append(f"| {group} | {row['cpu_percent_of_one_core']:.2f} | {row['rss_bytes_before'] / MIB:.1f} | "
-                     f"{row['rss_bytes_held'] / MIB:.1f} | {row['kib_per_connection']:.1f} |")
+        lines.append(f"| {group} | {row['cpu_percent_of_one_core']:.2f} | {_number(row['cpu_us_per_connection_per_ping'], 1)} | "
+                     f"{row['rss_bytes_before'] / MIB:.1f} | {row['rss_bytes_held'] / MIB:.1f} | "
+                     f"{row['kib_per_connection']:.1f} |")
+    lines += ["", "Peers: each on its fresh process, through its own nginx, CPU over whole intervals of its own "
+              "pings (IDLE_SECONDS where it sends none). Per connection: the server's, and its nginx's.", "",
+              "| Peer | Connections | Held (s) | Pings per connection | CPU % of one core | CPU us per connection "
+              "per ping | RSS before (MiB) | RSS held (MiB) | KiB per connection | nginx KiB per connection | "
+              "nginx CPU % | Dropped |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in idle["peers"].items():
+        per_ping = "no pings" if row["ping_interval"] is None else _number(row["cpu_us_per_connection_per_ping"], 1)
+        lines.append(f"| {name} | {row['connections']} | {_number(row['seconds'], 0)} | {row['pings']} | "
+                     f"{row['cpu_percent_of_one_core']:.2f} | {per_ping} | {row['rss_bytes_before'] / MIB:.1f} | "
+                     f"{row['rss_bytes_held'] / MIB:.1f} | {row['kib_per_connection']:.1f} | "
+                     f"{row['nginx']['kib_per_connection']:.1f} | {row['nginx']['cpu_percent_of_one_core']:.2f} | "
+                     f"{row['dropped']} |")
     return lines
 
 
@@ -213,14 +296,27 @@ def _save(figure, legend_axes, path):
 
 
 def _memory_plot(results, out):
-    figure, axis = plt.subplots(figsize=(7, 4))
-    steps = results["idle"]["steps"]
+    """Left: the stack's processes against the connections through its nginx. Right: the growth
+    of each server (app or peer) against the connections it holds itself."""
+    idle = results["idle"]
+    figure, (stack_axis, server_axis) = plt.subplots(1, 2, figsize=(13, 4.5))
+    steps = idle["steps"]
     for group in steps[0]["rss_bytes"]:
-        axis.plot([0] + [s["connections"] for s in steps],
-                  [results["idle"]["processes"][group]["rss_bytes_before"] / MIB] +
-                  [s["rss_bytes"][group] / MIB for s in steps], marker="o", label=group)
-    axis.set(title="resident memory vs idle connections", xlabel="connections", ylabel="RSS (MiB)")
-    _save(figure, [axis], out / "memory.png")
+        stack_axis.plot([0] + [s["connections"] for s in steps],
+                        [idle["processes"][group]["rss_bytes_before"] / MIB] +
+                        [s["rss_bytes"][group] / MIB for s in steps], marker="o", label=group)
+    stack_axis.set(title="the stack: resident memory vs idle connections", xlabel="connections (both apps)",
+                   ylabel="RSS (MiB)")
+    servers = [(app, [(s["connections"] // 2, s["rss_bytes"][app]) for s in steps], idle["processes"][app])
+               for app in idle["processes"] if app.endswith("-app")]
+    servers += [(name, [(s["connections"], s["rss_bytes"][name]) for s in row["steps"]], row)
+                for name, row in idle["peers"].items()]
+    for name, points, row in servers:
+        server_axis.plot([0] + [c for c, _ in points], [0] + [(rss - row["rss_bytes_before"]) / MIB for _, rss in points],
+                         marker="o", label=f"{name} ({row['kib_per_connection']:.1f} KiB/conn)")
+    server_axis.set(title="each server: RSS growth vs the idle connections it holds", xlabel="connections",
+                    ylabel="RSS growth (MiB)")
+    _save(figure, [stack_axis, server_axis], out / "memory.png")
 
 
 def _resume_plot(results, out):

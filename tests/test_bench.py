@@ -12,8 +12,10 @@ from repo import REPO
 
 pytestmark = pytest.mark.local
 
-TARGETS = {"uwsgi-app direct", "uwsgi-app via nginx", "flask-app direct", "flask-app via nginx",
-           "reference direct", "reference via nginx"}
+APPS = ("uwsgi-app", "flask-app")
+# Spelled out here, not read from bench.py: a peer dropped there must fail these tests.
+PEERS = ("picows", "aiohttp", "uvicorn", "websockets")
+TARGETS = {f"{server} {how}" for server in APPS + PEERS for how in ("direct", "via nginx")}
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -46,7 +48,58 @@ def test_every_workload_reports_for_every_target(quick_run):
     assert fanout["subscribers_ready"] == settings["fanout"]
     assert fanout["deliveries"] == fanout["expected"] == settings["fanout"] * settings["fanout_messages"]
     assert all(r["handshakes_per_second"] > 0 and r["failed"] == 0 for r in results["handshakes"].values())
-    assert {"python", "cpus", "nginx", "uwsgi", "redis", "picows"} <= set(results["versions"])
+    assert {"python", "cpus", "nginx", "uwsgi", "redis"} <= set(results["versions"])
+
+
+def test_every_peer_runs_at_its_defaults_and_holds_idle_connections(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["peers"]) == list(PEERS)
+    for name, peer in results["peers"].items():
+        assert peer["peer"] == name and peer["version"] and peer["settings"]
+        assert peer["listening"].startswith("127.0.0.1:")
+    # the libraries' own defaults: two ping, two do not
+    assert {name: peer["ping_interval"] for name, peer in results["peers"].items()} == {
+        "picows": None, "aiohttp": None, "uvicorn": 20, "websockets": 20}
+    # uvicorn[standard]: uvloop, httptools and the websockets library are what "auto" picked
+    uvicorn = results["peers"]["uvicorn"]
+    assert uvicorn["loop"] == "uvloop" and "httptools" in uvicorn["settings"]["http"]
+    assert "websockets" in uvicorn["settings"]["ws"]
+    idle = results["idle"]
+    assert list(idle["peers"]) == list(PEERS)
+    for row in idle["peers"].values():
+        assert row["connections"] == results["settings"]["idle"] // 2 and row["dropped"] == 0
+        assert row["rss_bytes_held"] > row["rss_bytes_before"] > 0
+        assert row["nginx"]["rss_bytes_held"] > row["nginx"]["rss_bytes_before"]
+        assert row["pings"] == 0  # a quick run is shorter than any ping interval
+        assert row["cpu_us_per_connection_per_ping"] is None
+
+
+def test_the_report_shows_every_peer_and_each_apps_ratio_to_the_best_one(quick_run):
+    out, _ = quick_run
+    results = json.loads((out / "results.json").read_text())
+    markdown = (out / "results.md").read_text()
+    sizes = results["settings"]["sizes"]
+    figures = [f for size in sizes for f in (f"echo msg/s, 50 x {size} B via nginx", f"echo p99 us, 50 x {size} B via nginx")]
+    figures += ["memory per idle connection, KiB", "idle CPU per connection per ping, us"]
+    ratios = {row["figure"]: row for row in results["peer_ratios"]}
+    assert list(ratios) == figures
+    for figure in figures[:-1]:  # measured in a quick run: every peer, a best one, both apps' ratios
+        row = ratios[figure]
+        assert set(row["peers"]) == set(PEERS) and all(v is not None for v in row["peers"].values())
+        pick = max if row["better"] == "higher" else min
+        assert row["best"] == pick(row["peers"].values()) and row["peers"][row["best_peer"]] == row["best"]
+        for app in APPS:
+            value = row["apps"][app]
+            assert value["ratio"] == value["value"] / row["best"]
+        assert f"| {figure} | {row['best_peer']} |" in markdown
+    # no whole ping interval in a quick run: the row is there, n/a
+    assert ratios[figures[-1]]["best_peer"] is None and f"| {figures[-1]} | n/a |" in markdown
+    for peer in PEERS:
+        assert f"| {peer} | {results['peers'][peer]['version']} |" in markdown  # the peers table
+        assert f"| {peer} | {results['settings']['idle'] // 2} |" in markdown  # the idle table
+        for how in ("direct", "via nginx"):
+            assert f"| {peer} {how} | 50 |" in markdown  # the echo table
 
 
 def test_the_resume_workload_resumes_a_full_room_on_each_app(quick_run):
