@@ -50,6 +50,7 @@ and out, for the app's /metrics (wsstack.metrics).
 """
 import asyncio
 import sys
+import time
 
 import flask.app
 
@@ -150,11 +151,8 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         self._hub = gevent.get_hub()
         loop = self._hub.loop
         self._readable = loop.io(fd, 1)
-        # Every ping interval, the socket is read so that uWSGI can ping. A little over the
-        # interval: uWSGI pings when a whole number of seconds, at least
-        # websockets-ping-freq, has passed since its last ping.
-        self._ticker = loop.timer(PING_INTERVAL + 0.5, PING_INTERVAL + 0.5)
-        self._ticker.start(self._nudge)
+        self._ticker = None
+        self._arm_ticker()
 
     # -- the package's API ------------------------------------------------------------
 
@@ -198,6 +196,23 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             self._call(self._write, item)
             return
         self.send_queue.append(item)
+        self._nudge()
+
+    def _arm_ticker(self):
+        """Every ping interval, the socket is read so that uWSGI can ping: uWSGI pings once
+        websockets-ping-freq whole seconds of its clock (time(), like time.time() here) have
+        passed since its last ping. The ticker fires just after the second in which the next
+        ping is due begins, together with those of every connection of the worker due in that
+        second: one wake-up of the worker for all of them, not one per connection at the
+        moment it happened to connect. Re-armed at each tick from the clock, so that it keeps
+        to whole seconds (a repeating timer follows the monotonic clock, which drifts from it)."""
+        self._ticker = self._hub.loop.timer(PING_INTERVAL - time.time() % 1 + PAST_THE_SECOND)
+        # update: measured from now, not from the start of the event loop's current pass
+        self._ticker.start(self._tick, update=True)
+
+    def _tick(self):
+        if self.connected:
+            self._arm_ticker()
         self._nudge()
 
     def _nudge(self):
@@ -329,6 +344,7 @@ _try_recv = getattr(uwsgi, "websocket_try_recv", None) or _recv_nb_or_none
 
 MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive
 PING_INTERVAL = uwsgi_options.ping_interval()
+PAST_THE_SECOND = 0.005  # how long after the whole second the ticker fires
 
 
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):

@@ -1,0 +1,114 @@
+"""Keep-alive pings of many idle WebSockets, on an app instance of its own pinging every 2 s.
+
+The pings of every connection due in the same second of the clock go out together, just after
+that second begins (uWSGI patch 0030 for the blocking receive, the compat layer's ping ticker
+for flask-app): one wake-up of the worker for all of them, instead of one per connection at
+the moment it happened to connect. What must not change: each connection is pinged every
+interval, a message between pings is answered at once, and a peer that stops answering is
+still dropped after the pong tolerance.
+"""
+import threading
+import time
+
+import pytest
+
+from local_processes import running_app_process
+from wsstack.rawws import PING, PONG, TEXT, RawWebSocket
+
+PING_FREQ = 2
+PONG_TOLERANCE = 3
+CONNECTIONS = 12
+HOLD = 4 * PING_FREQ + 1
+APPS = ("uwsgi-app", "flask-app")
+
+
+@pytest.fixture(scope="module", params=APPS)
+def pinging_app(request, tmp_path_factory):
+    log = tmp_path_factory.mktemp("ping_schedule") / f"{request.param}.log"
+    with running_app_process(request.param, log, UWSGI_PROCESSES="1",
+                             UWSGI_WEBSOCKETS_PING_FREQ=str(PING_FREQ),
+                             UWSGI_WEBSOCKETS_PONG_TOLERANCE=str(PONG_TOLERANCE)) as (_process, url):
+        yield url.replace("http", "ws") + "/ws/echo"
+
+
+def answer_pings(url, opened_at, until, pings, errors):
+    """Hold one connection, answer its pings until `until` (time.time()), record when they came."""
+    try:
+        with RawWebSocket(url) as ws:
+            opened_at.append(time.time())
+            while time.time() < until:
+                try:
+                    frame = ws.recv_frame(timeout=max(0.05, until - time.time()))
+                except TimeoutError:
+                    break
+                if frame.opcode == PING:
+                    pings.append(time.time())
+                    ws.send(PONG, frame.payload)
+                else:
+                    errors.append(f"unexpected frame {frame}")
+    except Exception as exc:  # reported by the test, not lost in the thread
+        errors.append(repr(exc))
+
+
+def hold_idle(url):
+    """CONNECTIONS connections opened at scattered moments within the second, held HOLD s."""
+    until = time.time() + HOLD + 1
+    pings = [[] for _ in range(CONNECTIONS)]
+    opened, errors, threads = [], [], []
+    for i in range(CONNECTIONS):
+        thread = threading.Thread(target=answer_pings, args=(url, opened, until, pings[i], errors))
+        thread.start()
+        threads.append(thread)
+        time.sleep(1 / CONNECTIONS + 0.013)  # a new phase within the second for each
+    for thread in threads:
+        thread.join(HOLD + 10)
+    assert not errors
+    return opened, pings
+
+
+def test_each_idle_connection_is_pinged_every_interval(pinging_app):
+    _opened, pings = hold_idle(pinging_app)
+    for times in pings:
+        assert len(times) >= HOLD // PING_FREQ - 1, times
+        gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+        # pings go out on whole seconds of the clock: one interval apart, give or take the
+        # second the first one was rounded to, never an interval skipped
+        assert all(PING_FREQ - 1 < gap < PING_FREQ + 1 for gap in gaps), gaps
+
+
+def test_pings_due_in_the_same_second_go_out_together(pinging_app):
+    opened, pings = hold_idle(pinging_app)
+    # the connections opened at every phase within the second...
+    assert max(t % 1 for t in opened) - min(t % 1 for t in opened) > 0.7
+    # ...and are pinged together, just after a second of the clock begins, not each at its
+    # own phase (a loaded machine may delay the batch, never by half a second)
+    phases = [t % 1 for times in pings for t in times]
+    assert phases and max(phases) < 0.5, sorted(round(p, 2) for p in phases)
+
+
+def test_a_message_between_pings_is_echoed_at_once(pinging_app):
+    with RawWebSocket(pinging_app) as ws:
+        frame = ws.recv_frame(timeout=PING_FREQ + 2)
+        assert frame.opcode == PING
+        ws.send(PONG, frame.payload)
+        time.sleep(PING_FREQ / 4)  # waiting for its socket again, its next ping far off
+        sent = time.monotonic()
+        ws.send(TEXT, b"between pings")
+        frame = ws.recv_message(timeout=PING_FREQ)
+        assert (frame.opcode, frame.payload) == (TEXT, b"between pings")
+        assert time.monotonic() - sent < PING_FREQ / 2, "answered at the next ping, not at once"
+
+
+def test_a_peer_that_stops_answering_pings_is_dropped_after_the_pong_tolerance(pinging_app):
+    with RawWebSocket(pinging_app) as ws:
+        first = ws.recv_frame(timeout=PING_FREQ + 2)
+        assert first.opcode == PING
+        pinged = time.monotonic()
+        # no pong: the connection ends once the tolerance has passed since the ping, at the
+        # next check (a ping interval later at most)
+        with pytest.raises(ConnectionError):
+            while True:
+                frame = ws.recv_frame(timeout=PING_FREQ + PONG_TOLERANCE + 3)
+                assert frame.opcode == PING, frame
+        waited = time.monotonic() - pinged
+        assert PONG_TOLERANCE - 1 < waited < PONG_TOLERANCE + PING_FREQ + 2, waited
