@@ -176,6 +176,32 @@ def test_an_idle_connection_does_not_keep_the_buffers_of_its_largest_message(tmp
         f"from {idle / 1024:.0f} KiB")
 
 
+@pytest.mark.parametrize("app", ["uwsgi-app", "flask-app"])
+def test_frames_that_arrive_after_waits_with_nothing_buffered_are_read_whole(tmp_path, app):
+    """Patch 0022 releases a connection's read buffer while it waits with nothing in it and
+    allocates it again for the next read (the fuzz harness checks that the wait holds none).
+    Here the bytes come in pieces, each after the server went back to waiting: a large
+    fragmented message whose headers are cut, with a ping between its fragments cut too; the
+    pong and the message come back whole, and the connection goes on echoing."""
+    with running_app_process(app, tmp_path / "app.log", **ONE_WORKER) as (_process, url):
+        with RawWebSocket(url.replace("http", "ws") + "/ws/echo") as ws:
+            assert_echoes(ws, 1, timeout=5)
+            large = os.urandom(300 * 1024)
+            first, rest = encode_frame(BINARY, large[:100000], fin=False), encode_frame(CONT, large[100000:])
+            ping = encode_frame(PING, b"after a wait")
+            for piece in (first[:1], first[1:2], first[2:9], first[9:], ping[:3], ping[3:], rest[:5], rest[5:]):
+                ws.send_raw(piece)
+                time.sleep(0.05)  # not a timing check: lets the server read the piece and wait again
+            pong = ws.recv_message(timeout=10, skip_pings=False)
+            while pong.opcode == PING:  # one of the server's own keep-alive pings
+                ws.send(PONG, pong.payload)
+                pong = ws.recv_message(timeout=10, skip_pings=False)
+            assert (pong.opcode, pong.payload) == (PONG, b"after a wait")
+            echoed = ws.recv_message(timeout=10)
+            assert (echoed.opcode, len(echoed.payload), echoed.payload == large) == (BINARY, len(large), True)
+            assert_echoes(ws, 3, timeout=5)
+
+
 # --- 5. Graceful stop with clients in every state ----------------------------------------------
 
 STOP_MERCY = 5  # UWSGI_WORKER_RELOAD_MERCY, well below the socket-timeout of 30 s

@@ -37,6 +37,16 @@ def test_upgrade_without_key_is_a_bad_request(backend):
     assert b"Sec-WebSocket-Key" in resp.body
 
 
+def test_a_request_with_40_headers_of_its_own_is_served(backend):
+    """UWSGI_MAX_VARS (32: 64 request variables, a smaller table per gevent core) leaves room
+    for about 50 headers; a browser's WebSocket handshake through nginx has about 20."""
+    headers = {f"X-Extra-{i}": "x" for i in range(40)}
+    resp = http_get(f"/{backend}/healthz", headers=headers)
+    assert resp.status == 200
+    resp = http_get(f"/{backend}/ws/echo", headers=headers)
+    assert resp.status == 426
+
+
 def test_unknown_app_path_is_404_not_5xx(backend):
     assert http_get(f"/{backend}/no-such-thing").status == 404
 

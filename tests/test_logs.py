@@ -115,9 +115,35 @@ def test_a_chat_session_is_logged_with_its_request_id_and_no_secret_is_logged_or
 
 
 def test_the_close_line_cuts_header_values_that_would_add_fields_or_lines():
-    from wsstack.capacity import close_log_line
+    from wsstack.capacity import close_log_line, log_fields
 
     forged = {"HTTP_X_REAL_IP": "198.51.100.1 request_id=forged", "HTTP_X_REQUEST_ID": "abc\x1b[2J\nnext line"}
-    assert close_log_line(forged, (1008, False)) == \
+    assert close_log_line(*log_fields(forged), (1008, False)) == \
         "websocket closed code=1008 initiator=server client=198.51.100.1 request_id=abc"
-    assert close_log_line({}, None) == "websocket closed code=1006 initiator=none client= request_id="
+    assert close_log_line(*log_fields({}), None) == "websocket closed code=1006 initiator=none client= request_id="
+
+
+def test_an_open_websocket_keeps_only_its_routes_entries_of_the_environ_and_still_logs_its_close(monkeypatch, capsys):
+    """After the handshake the request's environ is emptied (about 2.5 KiB per idle
+    connection), all but the routes' own wsstack.* entries (the chat's admission); the close
+    line still names the client and the request, read at the handshake. Run on a stand-in
+    for the uwsgi module: the same capacity.upgrade() both apps' handshakes end in."""
+    import sys
+    import types
+
+    from wsstack import capacity
+
+    handshakes = []
+    monkeypatch.setitem(sys.modules, "uwsgi", types.SimpleNamespace(
+        websocket_handshake=lambda *args: handshakes.append(args), websocket_close_status=lambda: (1000, True)))
+    admission = object()
+    environ = {"HTTP_SEC_WEBSOCKET_KEY": "dGhlIHNhbXBsZSBub25jZQ==", "HTTP_ORIGIN": "http://127.0.0.1:8080",
+               "HTTP_X_REAL_IP": CLIENT, "HTTP_X_REQUEST_ID": "0123abcd", "PATH_INFO": "/ws/chat",
+               "QUERY_STRING": "room=lobby", "wsgi.input": object(), "wsstack.chat.admission": admission,
+               "wsstack.subprotocol": "wsstack.chat.v1"}
+    seen, slots = [], capacity.WORKER.open
+    assert capacity.upgrade(environ, None, lambda: seen.append(dict(environ))) == []
+    assert handshakes == [("dGhlIHNhbXBsZSBub25jZQ==", "http://127.0.0.1:8080", "wsstack.chat.v1")]
+    assert seen == [{"wsstack.chat.admission": admission, "wsstack.subprotocol": "wsstack.chat.v1"}]
+    assert capsys.readouterr().err == f"websocket closed code=1000 initiator=client client={CLIENT} request_id=0123abcd\n"
+    assert capacity.WORKER.open == slots  # the slot was given back

@@ -145,6 +145,11 @@ static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t l
 static int fuzz_wait_read(int fd, int timeout) {
 	struct fuzz_conn *c = fuzz_conn_of_fd(fd);
 	if (!c) fuzz_fail("wait_read_hook on fd %d, not a fuzzed connection", fd);
+	// patch 0022: a receive call waiting for its peer holds no read buffer with nothing in it
+	// (one page per idle connection); a partial frame's bytes keep it
+	struct uwsgi_buffer *rb = c->req->websocket_buf;
+	if (c->in_recv && !c->req->websocket_closed && rb && rb->pos == c->req->websocket_buf_off)
+		fuzz_fail("conn %d: a receive waits for its peer holding an empty read buffer", c->index);
 	c->yield_mark = c->delivered;
 	if (c->in_wait_action && fuzz_during_wait) fuzz_during_wait(c);
 	if (c->wait_errors > 0) {

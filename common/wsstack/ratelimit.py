@@ -20,6 +20,9 @@ MESSAGE_BURST = env_whole_number("WS_MESSAGE_BURST", "200")
 class TokenBucket:
     """`rate` tokens per second, at most `burst` saved up; each message takes one."""
 
+    # one per connection, idle ones included: no instance dict
+    __slots__ = ("rate", "burst", "clock", "tokens", "updated")
+
     def __init__(self, rate=MAX_MESSAGES_PER_SECOND, burst=MESSAGE_BURST, clock=time.monotonic):
         self.rate, self.burst, self.clock = rate, burst, clock
         self.tokens, self.updated = float(burst), clock()
