@@ -21,6 +21,9 @@ CONNECTIONS = 12
 HOLD = 4 * PING_FREQ + 1
 APPS = ("uwsgi-app", "flask-app")
 
+# Starts app instances of its own from the checkout (make test only).
+pytestmark = pytest.mark.local
+
 
 @pytest.fixture(scope="module", params=APPS)
 def pinging_app(request, tmp_path_factory):
