@@ -162,8 +162,17 @@ def test_healthcheck_passes_in_the_running_container(service):
     # The container carries the compose file's healthcheck, and its command passes in there.
     configured = inspect(service)["Config"]["Healthcheck"]
     assert configured["Test"] == compose_service(service)["healthcheck"]["test"]
-    passed, result = run_check(container(service), check_argv(configured["Test"]), timeout=10)
-    assert passed, result
+    # As the engine judges it: unhealthy only after `retries` failures in a row. One failure
+    # alone happens here: the host checks start as the suite's tests container goes, and
+    # aardvark-dns 1.4 can drop a query while that reloads it (docs/operations.md, "Networks").
+    results = []
+    for _ in range(compose_service(service)["healthcheck"].get("retries", 3)):
+        passed, result = run_check(container(service), check_argv(configured["Test"]), timeout=10)
+        results.append(result)
+        if passed:
+            break
+        time.sleep(1)
+    assert passed, results
 
 
 def test_nginx_reaches_the_apps_by_service_name():
