@@ -222,6 +222,15 @@ def test_project_images_declare_the_non_root_user(service):
     assert user == f"{uid}:{uid}"
 
 
+def podman_compose(*args, **run_options):
+    """podman-compose on this project, with run.sh's run options (a container it makes is made
+    as run.sh made the others)."""
+    return subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
+                           "-p", PROJECT, "--profile", "test",
+                           f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}", *args],
+                          capture_output=True, **run_options)
+
+
 def address(service):
     return next(iter(inspect(service)["NetworkSettings"]["Networks"].values()))["IPAddress"]
 
@@ -235,9 +244,7 @@ def test_zz_nginx_follows_a_recreated_app_to_its_new_address():
     nginx_started = inspect("nginx")["State"]["StartedAt"]
     old_address = address("uwsgi-app")
     subprocess.run(["podman", "rm", "--force", "--time", "20", container("uwsgi-app")], check=True, capture_output=True)
-    subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
-                    "-p", PROJECT, f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
-                    "up", "-d", "--no-deps", "uwsgi-app"], check=True, capture_output=True)
+    podman_compose("up", "-d", "--no-deps", "uwsgi-app", check=True)
     renamed = time.monotonic()  # the name resolves to the new address from here on
     assert address("uwsgi-app") != old_address  # podman's IPAM hands out the next free address
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
@@ -371,11 +378,7 @@ def test_the_tests_container_reaches_nginx_and_nothing_behind_it():
               "  socket.create_connection((host, int(port)), timeout=3).close()\n  print('connected', target)\n"
               " except OSError as error:\n  print('refused', target, type(error).__name__)\n")
     argv = ["python", "-c", script, "nginx:8080"] + [f"{host}:{port}" for host, port in targets]
-    result = subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
-                             "-p", PROJECT, "--profile", "test",
-                             f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
-                             "run", "--rm", "--no-deps", "-T", "tests", *argv],
-                            capture_output=True, text=True, timeout=120)
+    result = podman_compose("run", "--rm", "--no-deps", "-T", "tests", *argv, text=True, timeout=120)
     lines = [line for line in result.stdout.splitlines() if line.startswith(("connected", "refused"))]
     assert lines[0] == "connected nginx:8080", result
     assert all(line.startswith("refused") for line in lines[1:]) and len(lines) == 1 + len(targets), result
@@ -385,9 +388,7 @@ def recreate_redis(**environment):
     """As `REDIS_APPENDONLY=yes docker compose up -d redis` after a change: a new container
     from the compose file with these settings, on the same redis-data volume; healthy on return."""
     subprocess.run(["podman", "rm", "--force", "--time", "10", container("redis")], check=True, capture_output=True)
-    subprocess.run([str(Path(sys.executable).parent / "podman-compose"), "-f", str(REPO / "docker-compose.yml"),
-                    "-p", PROJECT, f"--podman-run-args={os.environ['COMPOSE_TEST_PODMAN_RUN_ARGS']}",
-                    "up", "-d", "--no-deps", "redis"], check=True, capture_output=True, env={**os.environ, **environment})
+    podman_compose("up", "-d", "--no-deps", "redis", check=True, env={**os.environ, **environment})
     wait_healthy(container("redis"), compose_service("redis")["healthcheck"])
 
 
