@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from repo import REPO
+from repo import REPO, run_python
 
 pytestmark = pytest.mark.local
 
@@ -156,3 +156,13 @@ def test_the_benchmark_refuses_more_idle_connections_than_one_process_can_open()
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "would exceed the 20000 open files" in result.stderr
+
+
+def test_the_bench_never_hands_out_a_port_twice_in_one_run():
+    # The bench picks a port long before the process that binds it starts; in between, a second
+    # pick must not return it (a replica's metrics server once took the nginx port, and the bench
+    # read a 404 from it). 500 picks repeat a port almost surely when the kernel alone decides.
+    result = run_python("import bench; ports = [bench.free_port() for _ in range(500)];"
+                        "print(len(ports), len(set(ports)))", "bench", "scripts")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["500", "500"]
