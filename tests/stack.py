@@ -33,10 +33,10 @@ class Response:
     body: bytes
 
 
-def http_get(path, headers=None):
+def http_get(path, headers=None, timeout=10):
     request = urllib.request.Request(BASE_URL + path, headers=headers or {})
     try:
-        with urllib.request.urlopen(request, timeout=10) as resp:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
             return Response(resp.status, {k.lower(): v for k, v in resp.headers.items()}, resp.read())
     except urllib.error.HTTPError as err:
         return Response(err.code, {k.lower(): v for k, v in err.headers.items()}, err.read())

@@ -26,7 +26,11 @@ pytestmark = pytest.mark.compose
 def test_stopping_an_app_closes_its_websockets_with_1001_within_the_grace_period(service):
     grace = seconds(compose_service(service)["stop_grace_period"], None)
     backend = service.removesuffix("-app")
-    with connect(ws_url(backend), ping_interval=None) as polite, RawWebSocket(ws_url(backend)) as silent:
+    # The other app's container has just stopped: aardvark-dns reloads, and an answer it loses
+    # meanwhile holds the handshake until nginx asks again, 5 s later (up to twice).
+    handshake = 5 + 5 + 3
+    with connect(ws_url(backend), ping_interval=None, open_timeout=handshake) as polite, \
+            RawWebSocket(ws_url(backend), timeout=handshake) as silent:
         polite.send("still here")
         assert polite.recv(timeout=5) == "still here"
         started = time.monotonic()
