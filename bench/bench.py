@@ -238,9 +238,16 @@ class Stack:
         upstream = f"127.0.0.1:{self.ports[name]}"
         env = nginx_env(self.stack_env, self.ports[f"{name} nginx"], upstream, upstream,
                         f"127.0.0.1:{self.ports['dns']}")
+        # picows and aiohttp send no pings at their defaults: nginx's 60 s read timeout closed all
+        # of their idle connections just before a 60 s hold ended, and the hold's memory was read
+        # after that. Their nginx waits out the whole hold (the opening steps too); nothing else
+        # is silent for that long.
+        read_timeout = self.settings["idle_seconds"] + 60
+        env["NGINX_PROXY_READ_TIMEOUT"] = f"{read_timeout}s"
         nginx = start_nginx(env, self.run_dir, f"peer-{name}")
         self.processes.append(nginx)
         self.peer_pids[name] = {"server": peer.pid, "nginx": nginx.pid}
+        self.peers[name]["nginx_proxy_read_timeout_seconds"] = read_timeout
         for url in (self.targets()[f"{name} direct"], self.targets()[f"{name} via nginx"]):
             asyncio.run(wait_for_echo(url))
 

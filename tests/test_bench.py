@@ -58,6 +58,9 @@ def test_every_peer_runs_at_its_defaults_and_holds_idle_connections(quick_run):
     for name, peer in results["peers"].items():
         assert peer["peer"] == name and peer["version"] and peer["settings"]
         assert peer["listening"].startswith("127.0.0.1:")
+        # Its nginx must not close what does not ping (picows, aiohttp) before the hold ends,
+        # its four opening steps included: the hold's memory would be read after the closes.
+        assert peer["nginx_proxy_read_timeout_seconds"] > results["settings"]["idle_seconds"] + 4 + 10
     # the libraries' own defaults: two ping, two do not
     assert {name: peer["ping_interval"] for name, peer in results["peers"].items()} == {
         "picows": None, "aiohttp": None, "uvicorn": 20, "websockets": 20}
