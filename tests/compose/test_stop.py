@@ -15,7 +15,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import connect
 
 from stack import ws_url
-from test_containers import compose_service, container
+from test_containers import compose_service, container, nginx_reaches
 from up import seconds
 from wsstack.rawws import RawWebSocket
 
@@ -26,11 +26,11 @@ pytestmark = pytest.mark.compose
 def test_stopping_an_app_closes_its_websockets_with_1001_within_the_grace_period(service):
     grace = seconds(compose_service(service)["stop_grace_period"], None)
     backend = service.removesuffix("-app")
-    # The other app's container has just stopped: aardvark-dns reloads, and an answer it loses
-    # meanwhile holds the handshake until nginx asks again, 5 s later (up to twice).
-    handshake = 5 + 5 + 3
-    with connect(ws_url(backend), ping_interval=None, open_timeout=handshake) as polite, \
-            RawWebSocket(ws_url(backend), timeout=handshake) as silent:
+    # The other app's container has just stopped (or been recreated): nginx reaches this one
+    # again first (see test_containers.NGINX_FOLLOW_SECONDS), then its answer is fresh for
+    # both handshakes.
+    nginx_reaches(f"/{backend}/healthz")
+    with connect(ws_url(backend), ping_interval=None) as polite, RawWebSocket(ws_url(backend)) as silent:
         polite.send("still here")
         assert polite.recv(timeout=5) == "still here"
         started = time.monotonic()
