@@ -233,16 +233,13 @@ def podman_compose(*args, **run_options):
 
 # podman 4.3's aardvark-dns 1.4 rebuilds its listeners whenever a container comes or goes, and
 # for a while after that nginx's resolver socket (one UDP socket, kept) gets no answers, though
-# a new socket does: measured by hand, 9 recreations of uwsgi-app, nginx's first 200 came 10 to
+# a new socket does: measured by hand, 8 recreations of uwsgi-app, nginx's first 200 came 10 to
 # 36 s after the new container was up, with resolver timeouts (502 after 12 s) meanwhile, while
 # queries from fresh sockets in nginx's network namespace were answered within 2 s. nginx has
 # no setting to take a new socket. So a check that follows a container change gives nginx up to
 # NGINX_FOLLOW_SECONDS to reach the service again; it still fails where nginx never re-resolves.
 NGINX_FOLLOW_SECONDS = 60
-# One request's longest honest wait: the template's resolver_timeout, proxy_connect_timeout
-# (3 s) and a margin.
-NGINX_REQUEST_SECONDS = int(re.search(r"resolver_timeout (\d+)s;", (
-    REPO / "nginx" / "templates" / "default.conf.template").read_text()).group(1)) + 3 + 1
+NGINX_REQUEST_SECONDS = 12 + 3 + 1  # resolver_timeout, proxy_connect_timeout, a margin
 
 
 def nginx_reaches(path, in_a_row=1, deadline=NGINX_FOLLOW_SECONDS):
