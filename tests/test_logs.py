@@ -142,8 +142,9 @@ def test_an_open_websocket_keeps_only_its_routes_entries_of_the_environ_and_stil
                "QUERY_STRING": "room=lobby", "wsgi.input": object(), "wsstack.chat.admission": admission,
                "wsstack.subprotocol": "wsstack.chat.v1"}
     seen, slots = [], capacity.WORKER.open
-    assert capacity.upgrade(environ, None, lambda: seen.append(dict(environ))) == []
+    route = object()  # what a route passes on to its conversation (capacity.upgrade's argument)
+    assert capacity.upgrade(environ, None, lambda argument: seen.append((argument, dict(environ))), route) == []
     assert handshakes == [("dGhlIHNhbXBsZSBub25jZQ==", "http://127.0.0.1:8080", "wsstack.chat.v1")]
-    assert seen == [{"wsstack.chat.admission": admission, "wsstack.subprotocol": "wsstack.chat.v1"}]
+    assert seen == [(route, {"wsstack.chat.admission": admission, "wsstack.subprotocol": "wsstack.chat.v1"})]
     assert capsys.readouterr().err == f"websocket closed code=1000 initiator=client client={CLIENT} request_id=0123abcd\n"
     assert capacity.WORKER.open == slots  # the slot was given back

@@ -21,20 +21,21 @@ VERIFIER = auth.Verifier.from_environment(HUB.redis)
 CHAT_CHECK = chat.handshake_check(VERIFIER)
 
 
-def accept(environ, start_response, on_open, check=None):
+def accept(environ, start_response, check, on_open, argument):
     """The WebSocket handshake both routes share: refuse with an HTTP answer (the request's,
-    or the route's own `check(environ)` -> (reason, answer)), or upgrade the connection and
-    run `on_open()` on it until the conversation ends."""
+    or the route's own `check(environ)` -> (reason, answer), when it has one), or upgrade the
+    connection and run `on_open(argument)` on it until the conversation ends (capacity.upgrade
+    says why not a closure)."""
     if not http.is_websocket_upgrade(environ):
         return capacity.refuse(start_response, "not_upgrade", http.upgrade_required())
     refusal = http.handshake_refusal(environ) or (check and check(environ))
     if refusal:
         return capacity.refuse(start_response, *refusal)
-    return capacity.upgrade(environ, start_response, on_open)
+    return capacity.upgrade(environ, start_response, on_open, argument)
 
 
 def echo(environ, start_response):
-    return accept(environ, start_response, lambda: echo_messages(ratelimit.TokenBucket()))
+    return accept(environ, start_response, None, echo_messages, ratelimit.TokenBucket())
 
 
 def echo_messages(bucket):
@@ -61,14 +62,15 @@ def echo_messages(bucket):
 
 
 def chat_room(environ, start_response):
-    def talk():
-        session = chat.Session(HUB, environ[chat.ADMISSION], via="uwsgi")
-        try:
-            converse(session)
-        finally:
-            session.end(uwsgi_options.close_status())
+    return accept(environ, start_response, CHAT_CHECK, talk, environ)
 
-    return accept(environ, start_response, talk, check=CHAT_CHECK)
+
+def talk(environ):
+    session = chat.Session(HUB, environ[chat.ADMISSION], via="uwsgi")
+    try:
+        converse(session)
+    finally:
+        session.end(uwsgi_options.close_status())
 
 
 READ_BATCH = 32
