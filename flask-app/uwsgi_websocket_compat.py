@@ -90,7 +90,6 @@ flask_uwsgi_websocket = import_package()
 import gevent  # noqa: E402
 from gevent import getcurrent  # noqa: E402
 from gevent.hub import Waiter  # noqa: E402
-from gevent.lock import Semaphore  # noqa: E402
 from werkzeug.exceptions import HTTPException  # noqa: E402
 from werkzeug.routing import Rule, WebsocketMismatch  # noqa: E402
 
@@ -133,31 +132,33 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
     worker's memory) and send() writes at once. Sends from any other greenlet (a broadcaster,
     a forwarder) are queued, as in the package, so a slow client never blocks them: the view
     writes them when it next waits in receive() or sends, or a helper greenlet does when the
-    view is busy elsewhere. One uWSGI call at a time uses the socket (`self._io`): frames are
-    never interleaved. An idle connection has no greenlet awake and no timer but its ping.
+    view is busy elsewhere. One uWSGI call at a time uses the socket (`_busy`): frames are
+    never interleaved. An idle connection has no greenlet awake and no timer of its own: the
+    worker's ping sweep (PINGS) wakes it when its ping is due.
 
     The package's attributes keep their roles: send_queue carries sends from other greenlets;
     recv_queue holds messages a helper read while keeping the connection alive (at most
-    MAX_BUFFERED). Both are plain lists, smaller than deques (a worker holds thousands of
-    idle connections), and there are no events: a waiting receive() is woken directly (see
-    _wait).
+    MAX_BUFFERED). An idle connection holds as little as it can (a worker holds thousands):
+    the queues are lists made when first needed (the class's empty tuple until then), there
+    are no events (a waiting receive() is woken directly, see _wait), and no lock object
+    (see _call).
     """
+
+    # The package's events, unused; and the defaults an idle connection does not store.
+    send_event = recv_event = None
+    send_queue = recv_queue = ()
+    _waiter = None  # set while the view is blocked in receive()
+    _helper = None  # a greenlet writing or pinging while the view is busy elsewhere
+    _busy = False  # a uWSGI call for this connection is under way (it may be blocked in a write)
+    _queued_calls = None  # Waiters of the greenlets that wait for it to end
 
     def __init__(self, environ, fd, timeout):
         # The package's attributes (its __init__ sets the same), but `id`: see below.
         self.environ, self.fd, self.timeout, self.connected = environ, fd, timeout, True
-        self.send_event = self.recv_event = None
-        self.send_queue, self.recv_queue = [], []
         self._view = getcurrent()  # the request's greenlet, which runs the view
         self._request = self._view.uwsgi_wsgi_req  # how uWSGI finds the request (see _call)
-        self._io = Semaphore()
-        self._waiter = None  # set while the view is blocked in receive()
-        self._helper = None  # a greenlet writing or pinging while the view is busy elsewhere
-        self._hub = gevent.get_hub()
-        loop = self._hub.loop
-        self._readable = loop.io(fd, 1)
-        self._ticker = None
-        self._arm_ticker()
+        self._readable = gevent.get_hub().loop.io(fd, 1)
+        self._ping_second = PINGS.add(self)
 
     # -- the package's API ------------------------------------------------------------
 
@@ -206,25 +207,30 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         if getcurrent() is self._view:
             self._call(self._write, item)
             return
-        self.send_queue.append(item)
+        self._queue_send(item)
         self._nudge()
 
-    def _arm_ticker(self):
-        """Every ping interval, the socket is read so that uWSGI can ping: uWSGI pings once
-        websockets-ping-freq whole seconds of its clock (time(), like time.time() here) have
-        passed since its last ping. The ticker fires just after the second in which the next
-        ping is due begins, together with those of every connection of the worker due in that
-        second: one wake-up of the worker for all of them, not one per connection at the
-        moment it happened to connect. Re-armed at each tick from the clock, so that it keeps
-        to whole seconds (a repeating timer follows the monotonic clock, which drifts from it)."""
-        self._ticker = self._hub.loop.timer(PING_INTERVAL - time.time() % 1 + PAST_THE_SECOND)
-        # update: measured from now, not from the start of the event loop's current pass
-        self._ticker.start(self._tick, update=True)
+    def _queue_send(self, item):
+        if self.send_queue:
+            self.send_queue.append(item)
+        else:
+            self.send_queue = [item]
 
-    def _tick(self):
-        if self.connected:
-            self._arm_ticker()
-        self._nudge()
+    def _ping_due(self, next_second):
+        """From the ping sweep, in the event loop, when this connection's ping is due: let the
+        view read (uWSGI pings from a read that finds nothing to read), or a helper while the
+        view is busy elsewhere."""
+        if not self.connected:
+            return
+        self._ping_second = next_second
+        PINGS.file(self, next_second)
+        waiter = self._waiter
+        if waiter is not None:
+            # In the event loop, as an I/O watcher's callback would: straight into the waiting
+            # receive(), with no callback scheduled for it.
+            waiter.switch(None)
+        elif self._helper is None:
+            self._helper = gevent.spawn(self._help)
 
     def _nudge(self):
         """Get the queued sends written and the socket read: by the view if it waits in
@@ -239,21 +245,32 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             self._call(self._write)
             # uWSGI pings from a read that finds nothing to read; skipped while the socket is
             # busy (a blocked send) or the view has not taken what was read before.
-            if not self._io.locked() and len(self.recv_queue) < MAX_BUFFERED:
+            if not self._busy and len(self.recv_queue) < MAX_BUFFERED:
                 message = self._call(self._read)
                 if message is not None:
-                    self.recv_queue.append(message)
+                    if self.recv_queue:
+                        self.recv_queue.append(message)
+                    else:
+                        self.recv_queue = [message]
         finally:
             self._helper = None
 
     def _call(self, function, *args):
-        """Run `function` (which makes uWSGI calls for this connection) from any greenlet.
+        """Run `function` (which makes uWSGI calls for this connection) from any greenlet, one
+        such call at a time.
 
         uWSGI's gevent plugin finds the current request through the calling greenlet's
         `uwsgi_wsgi_req` attribute, which only the request's own greenlet has: any other
         greenlet carries it for the duration of the call. A failed call means the connection
         is over, as in the package (which never raises on send).
+
+        A call waits while another is under way (blocked in a write: a uWSGI call yields only
+        there). That is a flag and, only while someone waits, a list of Waiters, not a gevent
+        Semaphore per connection: 150 bytes of every idle connection for a wait that happens
+        only when a helper or a forwarder meets a blocked send.
         """
+        while self._busy:
+            self._wait_for_call()
         if not self.connected:
             return None
         current = getcurrent()
@@ -262,18 +279,41 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         swap = theirs != self._request
         if swap:
             current.uwsgi_wsgi_req = self._request
+        self._busy = True
         try:
-            with self._io:
-                return function(*args)
+            return function(*args)
         except OSError:
             self._disconnected()
             return None
         finally:
+            self._busy = False
+            if self._queued_calls:
+                self._wake_queued_calls()
             if swap:
                 if theirs is None:
                     del current.uwsgi_wsgi_req
                 else:
                     current.uwsgi_wsgi_req = theirs
+
+    def _wait_for_call(self):
+        waiter = Waiter()
+        if self._queued_calls is None:
+            self._queued_calls = []
+        self._queued_calls.append(waiter)
+        try:
+            waiter.get()
+        finally:
+            # Killed while waiting (a forwarder's end): it must not keep a place in the queue.
+            if self._queued_calls and waiter in self._queued_calls:
+                self._queued_calls.remove(waiter)
+
+    def _wake_queued_calls(self):
+        """All of them, from the event loop: each checks `_busy` again, so the first to run
+        goes ahead and the others wait anew, and one killed meanwhile blocks nobody."""
+        waiters, self._queued_calls = self._queued_calls, None
+        loop = gevent.get_hub().loop
+        for waiter in waiters:
+            loop.run_callback(waiter.switch, None)
 
     def _read(self):
         """One message (b'' for an empty one), or None when none is complete yet (fix 4)."""
@@ -291,7 +331,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
                 self._write_one(item)
         while self.send_queue and self.connected:
             # Taken as a batch: what other greenlets queue while a write blocks comes next.
-            batch, self.send_queue = self.send_queue, []
+            batch, self.send_queue = self.send_queue, ()
             for queued in batch:
                 self._write_one(queued)
 
@@ -325,7 +365,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         (only it may resume a Waiter), and only if that same wait is still going on."""
         waiter = self._waiter
         if waiter is not None:
-            self._hub.loop.run_callback(lambda: self._waiter is waiter and waiter.switch(None))
+            gevent.get_hub().loop.run_callback(lambda: self._waiter is waiter and waiter.switch(None))
 
     def _disconnected(self):
         self.connected = False
@@ -333,15 +373,82 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
 
     def _finish(self):
         """After the view returned: write what is still queued, then let go of everything."""
-        self._ticker.stop()
+        PINGS.discard(self, self._ping_second)
         helper = self._helper
         if helper is not None:
             helper.join(self.timeout)
             helper.kill()
         self._call(self._write)
         self.connected = False
-        self._ticker.close()
         self._readable.close()
+
+
+class PingSweep:
+    """Wakes each connection of the worker when its keep-alive ping is due.
+
+    uWSGI pings from a read that finds nothing to read, once websockets-ping-freq whole seconds
+    of its clock (time(), like time.time() here) have passed since its last ping. Connections
+    are filed under the whole second in which their next ping is due; one timer fires just
+    after each such second begins and wakes that second's connections together: one wake-up
+    of the worker for all of them, and no timer per connection (a libev timer and its callback
+    were some 250 bytes of every idle connection). The next second is taken from the clock at
+    each sweep, so the schedule keeps to whole seconds of time() (a repeating timer follows the
+    monotonic clock, which drifts from it).
+    """
+
+    def __init__(self, interval):
+        self.interval = interval
+        self.due = {}  # whole second of time() -> the connections whose ping is due in it
+        self.timer = None
+        self.timer_second = None  # the second the timer is set for
+
+    def add(self, client):
+        """File a new connection: its first ping is due one interval from now (patch 0020)."""
+        second = int(time.time()) + self.interval
+        self.file(client, second)
+        return second
+
+    def file(self, client, second):
+        clients = self.due.get(second)
+        if clients is None:
+            self.due[second] = [client]
+        else:
+            clients.append(client)
+        if self.timer_second is None or second < self.timer_second:
+            self._set_timer(second)
+
+    def discard(self, client, second):
+        clients = self.due.get(second)
+        if clients is not None and client in clients:
+            clients.remove(client)
+            if not clients:
+                del self.due[second]
+
+    def _set_timer(self, second):
+        if self.timer is not None:
+            self.timer.close()
+        self.timer = gevent.get_hub().loop.timer(max(0.0, second - time.time() + PAST_THE_SECOND))
+        self.timer_second = second
+        # update: measured from now, not from the start of the event loop's current pass
+        self.timer.start(self._sweep, update=True)
+
+    def _sweep(self):
+        self.timer.close()
+        self.timer = self.timer_second = None
+        now = time.time()
+        next_second = int(now) + self.interval
+        # Each connection is refiled before it runs: a view that ends meanwhile finds itself
+        # under its next second and takes itself out of it.
+        try:
+            for second in sorted(second for second in self.due if second <= now):
+                for client in self.due.pop(second):
+                    client._ping_due(next_second)
+        finally:
+            # Set anew whatever the refiling set meanwhile: that was for `next_second`, and
+            # the connections due in the seconds before it come first. Whatever happened above:
+            # without the timer no connection of the worker would be pinged again.
+            if self.due:
+                self._set_timer(min(self.due))
 
 
 def _recv_nb_or_none():
@@ -355,7 +462,8 @@ _try_recv = getattr(uwsgi, "websocket_try_recv", None) or _recv_nb_or_none
 
 MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive
 PING_INTERVAL = uwsgi_options.ping_interval()
-PAST_THE_SECOND = 0.005  # how long after the whole second the ticker fires
+PAST_THE_SECOND = 0.005  # how long after the whole second the ping sweep runs
+PINGS = PingSweep(PING_INTERVAL)
 
 
 class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
@@ -376,12 +484,12 @@ class GeventMiddleware(flask_uwsgi_websocket.GeventWebSocketMiddleware):
             return capacity.refuse(start_response, *refusal)
         # The rule's arguments only when it has any: this frame, and what it passes on, live as
         # long as the connection.
-        args = args or None
-        return capacity.upgrade(environ, start_response,
-                                lambda: self.serve(self.websocket.view_functions[endpoint], args, environ))
+        route = (self.websocket.view_functions[endpoint], args or None, environ)
+        return capacity.upgrade(environ, start_response, self.serve, route)
 
-    def serve(self, view, args, environ):
-        """Run `view` on the connection (`args`: the rule's arguments, or None)."""
+    def serve(self, route):
+        """Run the view on the connection; `route`: (view, the rule's arguments or None, environ)."""
+        view, args, environ = route
         client = self.client(environ, uwsgi.connection_fd(), self.websocket.timeout)
         try:
             # Without **: Python 3.11 runs a call with ** through C, a C stack frame that every

@@ -216,3 +216,69 @@ def test_a_failing_view_closes_its_connection_with_1011(fixture_app):
     assert frame is not None and frame.close_code == 1011, frame
     # The worker lives on.
     assert echoed_opcode(fixture_app.url) == BINARY
+
+
+ONE_CALL_AT_A_TIME = textwrap.dedent(
+    """
+    import json, socket, types
+    import gevent, gevent.event
+
+    # A uWSGI stand-in whose send blocks on b"slow", as a write to a full socket does: the
+    # compat layer's calls for one connection must then queue behind it, one at a time.
+    uwsgi = types.ModuleType("uwsgi")
+    log, inside, unblock = [], [], gevent.event.Event()
+
+    def send(message):
+        inside.append(message)
+        if len(inside) > 1:
+            log.append(f"interleaved {inside}")
+        if message == b"slow":
+            unblock.wait()
+        log.append(message.decode())
+        inside.remove(message)
+
+    uwsgi.websocket_send = uwsgi.websocket_send_binary = send
+    import uwsgi_websocket_compat as compat   # outside uWSGI: the metrics count locally
+    compat.uwsgi, compat._try_recv = uwsgi, lambda: None
+
+    ours, theirs = socket.socketpair()
+    state = {}
+
+    flushed = gevent.event.Event()
+
+    def view():
+        gevent.getcurrent().uwsgi_wsgi_req = 1
+        state["client"] = client = compat.GeventClient({}, ours.fileno(), 5)
+        client.send(b"slow")          # the view's own send: blocks until unblock is set
+        flushed.wait()                # no call of its own until the survivor's flush is done
+        client.send(b"after")
+        client._finish()
+
+    def forwarder(text):
+        client = state["client"]
+        client.send(text.encode())    # queued (not the view's greenlet), then written here:
+        client.flush()                # waits for the view's blocked send to end
+        flushed.set()
+
+    view_greenlet = gevent.spawn(view)
+    gevent.sleep(0.01)
+    doomed, survivor = gevent.spawn(forwarder, "a"), gevent.spawn(forwarder, "b")
+    gevent.sleep(0.01)
+    doomed.kill()                     # killed while waiting for the socket (a chat forwarder's end)
+    unblock.set()
+    finished = gevent.joinall([view_greenlet, survivor], timeout=5)
+    print(json.dumps({"log": log, "finished": len(finished)}))
+    """
+)
+
+
+def test_one_uwsgi_call_at_a_time_and_a_killed_waiter_blocks_nobody():
+    # Sends from other greenlets wait while the view's send is blocked, and none interleaves
+    # with it; one of them killed while waiting must not keep the others waiting: the compat
+    # layer's own queue of waiters (no Semaphore per idle connection) wakes them all to retry.
+    result = run_python(ONE_CALL_AT_A_TIME, "flask-app", "common")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["finished"] == 2, outcome
+    # the killed forwarder's queued b"a" goes out with b"b": queued sends are the connection's
+    assert outcome["log"] == ["slow", "a", "b", "after"], outcome

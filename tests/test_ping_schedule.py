@@ -1,7 +1,7 @@
 """Keep-alive pings of many idle WebSockets, on an app instance of its own pinging every 2 s.
 
 The pings of every connection due in the same second of the clock go out together, just after
-that second begins (uWSGI patch 0030 for the blocking receive, the compat layer's ping ticker
+that second begins (uWSGI patch 0030 for the blocking receive, the compat layer's ping ping sweep
 for flask-app): one wake-up of the worker for all of them, instead of one per connection at
 the moment it happened to connect. What must not change: each connection is pinged every
 interval, a message between pings is answered at once, and a peer that stops answering is
@@ -35,7 +35,8 @@ def pinging_app(request, tmp_path_factory):
 
 
 def answer_pings(url, opened_at, until, pings, errors):
-    """Hold one connection, answer its pings until `until` (time.time()), record when they came."""
+    """Hold one connection, answer its pings until `until` (time.time()), record when it opened
+    (opened_at[0]) and when they came."""
     try:
         with RawWebSocket(url) as ws:
             opened_at.append(time.time())
@@ -57,16 +58,17 @@ def hold_idle(url):
     """CONNECTIONS connections opened at scattered moments within the second, held HOLD s."""
     until = time.time() + HOLD + 1
     pings = [[] for _ in range(CONNECTIONS)]
-    opened, errors, threads = [], [], []
+    opened = [[] for _ in range(CONNECTIONS)]
+    errors, threads = [], []
     for i in range(CONNECTIONS):
-        thread = threading.Thread(target=answer_pings, args=(url, opened, until, pings[i], errors))
+        thread = threading.Thread(target=answer_pings, args=(url, opened[i], until, pings[i], errors))
         thread.start()
         threads.append(thread)
         time.sleep(1 / CONNECTIONS + 0.013)  # a new phase within the second for each
     for thread in threads:
         thread.join(HOLD + 10)
     assert not errors
-    return opened, pings
+    return [at for [at] in opened], pings
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +85,17 @@ def test_each_idle_connection_is_pinged_every_interval(held):
         # pings go out on whole seconds of the clock: one interval apart, give or take the
         # second the first one was rounded to, never an interval skipped
         assert all(PING_FREQ - 1 < gap < PING_FREQ + 1 for gap in gaps), gaps
+
+
+def test_the_first_ping_comes_one_interval_after_the_handshake(held):
+    # uWSGI pings an interval after the handshake's second (patch 0020) and the batch goes out
+    # just after that second begins: the first ping's second is PING_FREQ after the opening's
+    # (PING_FREQ - 1 when the 101 crossed a second on its way). A connection left out of its
+    # second's batch is pinged with a later one: a second or more late.
+    opened, pings = held
+    late = [(round(at, 2), round(times[0], 2)) for at, times in zip(opened, pings)
+            if int(times[0]) - int(at) not in (PING_FREQ - 1, PING_FREQ)]
+    assert not late, late
 
 
 def test_pings_due_in_the_same_second_go_out_together(held):
