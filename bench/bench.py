@@ -50,7 +50,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-sys.path[:0] = [str(HERE), str(REPO / "common"), str(REPO / "scripts")]
+sys.path[:0] = [str(HERE), str(REPO / "common"), str(REPO / "scripts"), str(REPO / "tests")]
 
 import jwt  # noqa: E402  (PyJWT, as the apps)
 import loadgen  # noqa: E402
@@ -58,6 +58,7 @@ import localdns  # noqa: E402  (scripts/localdns.py: make run's service-name DNS
 import procstats  # noqa: E402
 import redis  # noqa: E402
 import report  # noqa: E402
+from repo import free_port, free_ports  # noqa: E402  (tests/repo.py: never the same port twice in a run)
 import stack as stack_runner  # noqa: E402  (scripts/stack.py: make run's runner)
 from wsstack import chat_store, probe  # noqa: E402  (the same settings the apps read)
 
@@ -99,33 +100,6 @@ APPS = ("uwsgi-app", "flask-app")
 PEERS = {"picows": "picows_echo.py", "aiohttp": "aiohttp_echo.py", "uvicorn": "uvicorn_echo.py",
          "websockets": "websockets_echo.py"}
 PEER_READY_SECONDS = 30
-
-
-_ISSUED_PORTS = set()
-
-
-def free_ports(count):
-    """`count` distinct free ports, none of them handed out before in this run. A port is only
-    bound when its process starts, which can be after other picks: a replica's metrics port
-    that came back as the nginx port picked before it was bound had the bench talk to the
-    metrics server (a 404 for the echo URL)."""
-    import contextlib
-    import socket
-
-    picked = []
-    with contextlib.ExitStack() as stack:
-        while len(picked) < count:  # each socket stays bound until all are picked
-            sock = stack.enter_context(socket.socket())
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-            if port not in _ISSUED_PORTS:
-                _ISSUED_PORTS.add(port)
-                picked.append(port)
-    return picked
-
-
-def free_port():
-    return free_ports(1)[0]
 
 
 def progress(text):
@@ -382,7 +356,8 @@ def ping_window(idle_seconds, ping):
 
 def hold_idle(urls, count, groups, window):
     """`count` idle connections spread over `urls`, opened in four steps (RSS of `groups` after
-    each), then held `window` s: {steps, before, start, end, elapsed, dropped}."""
+    each), then held `window` s: {steps, before, start, end, elapsed, dropped, pings}; `pings`:
+    {url: the pings its connections received in the window, total, fewest and most per connection}."""
     before = procstats.snapshot(groups)
     steps, opened = [], []
 
@@ -394,29 +369,41 @@ def hold_idle(urls, count, groups, window):
             steps.append({"connections": len(opened), "rss_bytes": {g: t[1] for g, t in totals.items()}})
             progress(f"idle: {len(opened)} connections open")
         start = procstats.snapshot(groups)
+        pings_before = [listener.pings for listener in opened]
         started = time.monotonic()
         await asyncio.sleep(window)
         end = procstats.snapshot(groups)
         elapsed = time.monotonic() - started
+        in_window = {}
+        for listener, before_count in zip(opened, pings_before):
+            in_window.setdefault(listener.url, []).append(listener.pings - before_count)
         dropped = sum(listener.dropped for listener in opened)
         for listener in opened:
             listener.closing = True
         loadgen.close_all(opened)
-        return start, end, elapsed, dropped
+        return start, end, elapsed, dropped, in_window
 
-    start, end, elapsed, dropped = asyncio.run(scenario())
+    start, end, elapsed, dropped, in_window = asyncio.run(scenario())
+    pings = {url: {"total": sum(counts), "fewest": min(counts), "most": max(counts)}
+             for url, counts in in_window.items()}
     return {"steps": steps, "before": procstats.totals(before), "start": procstats.totals(start),
-            "end": procstats.totals(end), "elapsed": elapsed, "dropped": dropped}
+            "end": procstats.totals(end), "elapsed": elapsed, "dropped": dropped, "pings": pings}
 
 
-def idle_figures(held, group, connections, pings):
-    """CPU and memory of one process group over a hold_idle() window, per connection it held."""
+def idle_figures(held, group, connections, pings, urls):
+    """CPU and memory of one process group over a hold_idle() window, per connection it held.
+    `pings`: the pings each connection should get in the window (0: the server sends none);
+    `urls`: those of the connections whose pings the group sent or relayed. CPU per ping is
+    per ping that arrived."""
     cpu_seconds = held["end"][group][0] - held["start"][group][0]
+    received = sum(held["pings"][url]["total"] for url in urls)
     return {
         "connections": connections,
         "cpu_percent_of_one_core": 100 * cpu_seconds / held["elapsed"],
         # per connection per ping: what one keep-alive costs (None where none was sent)
-        "cpu_us_per_connection_per_ping": 1e6 * cpu_seconds / (connections * pings) if pings else None,
+        "cpu_us_per_connection_per_ping": 1e6 * cpu_seconds / received if pings and received else None,
+        "pings_expected": connections * pings, "pings_received": received,
+        "fewest_pings_per_connection": min(held["pings"][url]["fewest"] for url in urls),
         "rss_bytes_before": held["before"][group][1], "rss_bytes_held": held["end"][group][1],
         "kib_per_connection": (held["end"][group][1] - held["before"][group][1]) / 1024 / connections,
     }
@@ -431,8 +418,10 @@ def run_idle(stack, settings):
     window, pings = ping_window(settings["idle_seconds"], ping)
     held = hold_idle(urls, count, groups, window)
     # Per ping only for the apps, which send them, and nginx, which relays them (Redis sees none).
+    app_urls = dict(zip(APPS, urls))
     per_group = {group: idle_figures(held, group, count // 2 if group in APPS else count,
-                                     pings if group in APPS or group == "nginx" else 0) for group in groups}
+                                     pings if group in APPS or group == "nginx" else 0,
+                                     [app_urls[group]] if group in APPS else urls) for group in groups}
     progress(f"idle: {count} connections held {window} s, {held['dropped']} dropped")
     result = {"connections": count, "seconds": window, "ping_interval": ping, "pings": pings,
               "dropped": held["dropped"], "processes": per_group, "steps": held["steps"], "peers": {}}
@@ -440,11 +429,12 @@ def run_idle(stack, settings):
         peer_count = count // 2
         peer_window, peer_pings = ping_window(settings["idle_seconds"], ready["ping_interval"])
         peer_groups = {name: [stack.peer_pids[name]["server"]], "nginx": [stack.peer_pids[name]["nginx"]]}
-        peer_held = hold_idle([stack.targets()[f"{name} via nginx"]], peer_count, peer_groups, peer_window)
+        peer_urls = [stack.targets()[f"{name} via nginx"]]
+        peer_held = hold_idle(peer_urls, peer_count, peer_groups, peer_window)
         result["peers"][name] = {
-            **idle_figures(peer_held, name, peer_count, peer_pings), "seconds": peer_window,
+            **idle_figures(peer_held, name, peer_count, peer_pings, peer_urls), "seconds": peer_window,
             "ping_interval": ready["ping_interval"], "pings": peer_pings, "dropped": peer_held["dropped"],
-            "nginx": idle_figures(peer_held, "nginx", peer_count, peer_pings), "steps": peer_held["steps"]}
+            "nginx": idle_figures(peer_held, "nginx", peer_count, peer_pings, peer_urls), "steps": peer_held["steps"]}
         row = result["peers"][name]
         progress(f"idle: {name}: {peer_count} connections held {peer_window} s ({peer_pings} pings each), "
                  f"{row['kib_per_connection']:.1f} KiB per connection, {peer_held['dropped']} dropped")

@@ -40,16 +40,19 @@ def chat_headers(token):
     return {"Sec-WebSocket-Protocol": f"{SUBPROTOCOL}, bearer.{token}"}
 
 
-async def connect_many(urls, listener_factory, count, headers=None):
-    """Open `count` connections spread round-robin over `urls`; returns the listeners.
-    `headers(i)`: the extra handshake headers of connection i (a chat token)."""
+async def connect_many(urls, listener_factory, count, headers=None, auto_pong=True):
+    """Open `count` connections spread round-robin over `urls`; returns the listeners, each
+    with the `url` it went to. `headers(i)`: the extra handshake headers of connection i (a
+    chat token). auto_pong=False: the listener answers pings itself (PingCounter)."""
     gate = asyncio.Semaphore(CONNECT_CONCURRENCY)
 
     async def one(i):
         async with gate:
-            _transport, listener = await ws_connect(listener_factory, urls[i % len(urls)], max_frame_size=2 << 20,
-                                                    websocket_handshake_timeout=30,
+            url = urls[i % len(urls)]
+            _transport, listener = await ws_connect(listener_factory, url, max_frame_size=2 << 20,
+                                                    websocket_handshake_timeout=30, enable_auto_pong=auto_pong,
                                                     extra_headers=headers(i) if headers else None)
+            listener.url = url
             return listener
 
     return await asyncio.gather(*(one(i) for i in range(count)))
@@ -138,9 +141,24 @@ async def echo(url, connections, size, warmup, duration):
     return {"messages_per_second": run.count / elapsed, **percentiles(run.histogram), "dropped": dropped}
 
 
+class PingCounter(Tracked):
+    """An idle connection that answers the server's pings and counts them: the idle figures
+    divide CPU by the pings that arrived, not by those that should have (a server that skipped
+    some would look cheaper per ping)."""
+
+    def __init__(self):
+        super().__init__()
+        self.pings = 0
+
+    def on_ws_frame(self, transport, frame):
+        if frame.msg_type == WSMsgType.PING:
+            self.pings += 1
+            transport.send_pong(frame.get_payload_as_bytes())
+
+
 async def open_idle(urls, count):
-    """`count` connections that send nothing (uWSGI's pings are answered by picows)."""
-    return await connect_many(urls, Tracked, count)
+    """`count` connections that send nothing and answer pings (PingCounter)."""
+    return await connect_many(urls, PingCounter, count, auto_pong=False)
 
 
 class Subscriber(Tracked):

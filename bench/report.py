@@ -161,25 +161,34 @@ def _idle(results):
     pings = f", CPU over {idle['seconds'] // idle['ping_interval']} ping interval(s) of {idle['ping_interval']} s" \
         if idle["seconds"] >= idle["ping_interval"] else ""
     lines = ["", f"## Idle: {idle['connections']} connections held {idle['seconds']} s{pings}, {idle['dropped']} dropped", "",
-              "| Processes | CPU % of one core | CPU us per connection per ping | RSS before (MiB) | RSS held (MiB) | "
-              "KiB per connection |", "|---|---|---|---|---|---|"]
+              "| Processes | CPU % of one core | CPU us per connection per ping | Pings received / expected | "
+              "RSS before (MiB) | RSS held (MiB) | KiB per connection |", "|---|---|---|---|---|---|---|"]
     for group, row in idle["processes"].items():
         lines.append(f"| {group} | {row['cpu_percent_of_one_core']:.2f} | {_number(row['cpu_us_per_connection_per_ping'], 1)} | "
-                     f"{row['rss_bytes_before'] / MIB:.1f} | {row['rss_bytes_held'] / MIB:.1f} | "
+                     f"{_pings(row)} | {row['rss_bytes_before'] / MIB:.1f} | {row['rss_bytes_held'] / MIB:.1f} | "
                      f"{row['kib_per_connection']:.1f} |")
     lines += ["", "Peers: each on its fresh process, through its own nginx, CPU over whole intervals of its own "
               "pings (IDLE_SECONDS where it sends none). Per connection: the server's, and its nginx's.", "",
-              "| Peer | Connections | Held (s) | Pings per connection | CPU % of one core | CPU us per connection "
-              "per ping | RSS before (MiB) | RSS held (MiB) | KiB per connection | nginx KiB per connection | "
-              "nginx CPU % | Dropped |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| Peer | Connections | Held (s) | Pings per connection | Pings received / expected | CPU % of one core | "
+              "CPU us per connection per ping | RSS before (MiB) | RSS held (MiB) | KiB per connection | "
+              "nginx KiB per connection | nginx CPU % | Dropped |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, row in idle["peers"].items():
         per_ping = "no pings" if row["ping_interval"] is None else _number(row["cpu_us_per_connection_per_ping"], 1)
         lines.append(f"| {name} | {row['connections']} | {_number(row['seconds'], 0)} | {row['pings']} | "
-                     f"{row['cpu_percent_of_one_core']:.2f} | {per_ping} | {row['rss_bytes_before'] / MIB:.1f} | "
+                     f"{_pings(row)} | {row['cpu_percent_of_one_core']:.2f} | {per_ping} | {row['rss_bytes_before'] / MIB:.1f} | "
                      f"{row['rss_bytes_held'] / MIB:.1f} | {row['kib_per_connection']:.1f} | "
                      f"{row['nginx']['kib_per_connection']:.1f} | {row['nginx']['cpu_percent_of_one_core']:.2f} | "
                      f"{row['dropped']} |")
     return lines
+
+
+def _pings(row):
+    """Pings that arrived over those due in the window (CPU per ping divides by the former);
+    n/a for a process that sends or relays none (Redis, a peer that does not ping) and in
+    results from before the bench counted them."""
+    if not row.get("pings_expected"):
+        return "n/a"
+    return f"{row['pings_received']} / {row['pings_expected']}"
 
 
 def _fanout(results):

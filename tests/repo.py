@@ -85,17 +85,27 @@ def free_port():
     return free_ports(1)[0]
 
 
+_ISSUED_PORTS = set()
+
+
 def free_ports(count):
-    """`count` distinct free ports: each socket stays bound until all are picked, since the
-    kernel may hand a port that was just released straight back."""
+    """`count` distinct free ports, none of them handed out before by this process. A port is
+    only bound when its process starts, which can be after other picks: in the bench, a
+    replica's metrics port that came back as the nginx port picked before it was bound had the
+    bench talk to the metrics server (a 404 for the echo URL). The bench picks here too."""
     import contextlib
     import socket
 
+    picked = []
     with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in socks:
+        while len(picked) < count:  # each socket stays bound until all are picked
+            sock = stack.enter_context(socket.socket())
             sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in socks]
+            port = sock.getsockname()[1]
+            if port not in _ISSUED_PORTS:
+                _ISSUED_PORTS.add(port)
+                picked.append(port)
+    return picked
 
 
 def run_python(code, *paths, timeout=60):

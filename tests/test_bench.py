@@ -169,3 +169,18 @@ def test_the_bench_never_hands_out_a_port_twice_in_one_run():
                         "print(len(ports), len(set(ports)))", "bench", "scripts")
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["500", "500"]
+
+
+def test_idle_cpu_per_ping_divides_by_the_pings_that_arrived():
+    # The idle listeners count the pings they answer: a server that skipped half of its pings
+    # (flask-app's ping sweep once did, for every second but the one it had just swept) must
+    # not read twice as cheap per ping.
+    result = run_python(
+        "import bench\n"
+        "held = {'before': {'app': (0.0, 0)}, 'start': {'app': (10.0, 0)}, 'end': {'app': (11.0, 0)},\n"
+        "        'elapsed': 40.0, 'pings': {'ws://a': {'total': 100, 'fewest': 0, 'most': 2}}}\n"
+        "row = bench.idle_figures(held, 'app', 100, 2, ['ws://a'])\n"
+        "print(round(row['cpu_us_per_connection_per_ping']), row['pings_expected'], row['pings_received'],\n"
+        "      row['fewest_pings_per_connection'])", "bench", "scripts")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["10000", "200", "100", "0"]
