@@ -207,14 +207,8 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         if getcurrent() is self._view:
             self._call(self._write, item)
             return
-        self._queue_send(item)
+        self.send_queue = _appended(self.send_queue, item)
         self._nudge()
-
-    def _queue_send(self, item):
-        if self.send_queue:
-            self.send_queue.append(item)
-        else:
-            self.send_queue = [item]
 
     def _ping_due(self, next_second):
         """From the ping sweep, in the event loop, when this connection's ping is due: let the
@@ -248,10 +242,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             if not self._busy and len(self.recv_queue) < MAX_BUFFERED:
                 message = self._call(self._read)
                 if message is not None:
-                    if self.recv_queue:
-                        self.recv_queue.append(message)
-                    else:
-                        self.recv_queue = [message]
+                    self.recv_queue = _appended(self.recv_queue, message)
         finally:
             self._helper = None
 
@@ -418,8 +409,8 @@ class PingSweep:
             self._set_timer(second)
 
     def discard(self, client, second):
-        clients = self.due.get(second)
-        if clients is not None and client in clients:
+        clients = self.due.get(second, ())
+        if client in clients:
             clients.remove(client)
             if not clients:
                 del self.due[second]
@@ -449,6 +440,15 @@ class PingSweep:
             # without the timer no connection of the worker would be pinged again.
             if self.due:
                 self._set_timer(min(self.due))
+
+
+def _appended(queue, item):
+    """`queue` with `item` at its end: a client's queue is a list from its first item on (the
+    class's empty tuple until then)."""
+    if queue:
+        queue.append(item)
+        return queue
+    return [item]
 
 
 def _recv_nb_or_none():
