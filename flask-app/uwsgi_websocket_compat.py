@@ -24,7 +24,10 @@ shows each one is needed by running without it.
    readable, another greenlet sends, or the next ping is due. Empty messages from the
    client are real messages and are delivered (b''): the read uses
    uwsgi.websocket_try_recv() from the project's uWSGI patch 0016, which returns None for
-   "nothing to read" where websocket_recv_nb() returns b'' for both.
+   "nothing to read" where websocket_recv_nb() returns b'' for both. An idle view is not
+   woken for keep-alive either: the worker's ping sweep has uWSGI write the ping from the
+   event loop (uwsgi.websocket_ping_nowait(), patch 0033) and the socket's watcher has it take
+   the pong there (uwsgi.websocket_absorb_pongs(), patch 0032).
 5. BINARY_FRAMES       `client.send(msg, binary=True)` (the default) sends a text frame,
    and a received message does not say whether it was binary. Binary messages now arrive
    as `BinaryMessage` (a bytes subclass, so existing code keeps working); `send()` sends a
@@ -134,7 +137,8 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
     writes them when it next waits in receive() or sends, or a helper greenlet does when the
     view is busy elsewhere. One uWSGI call at a time uses the socket (`_busy`): frames are
     never interleaved. An idle connection has no greenlet awake and no timer of its own: the
-    worker's ping sweep (PINGS) wakes it when its ping is due.
+    worker's ping sweep (PINGS) has its ping written from the event loop, or wakes it when
+    that cannot be done there; the pong is taken in the event loop too (_on_readable).
 
     The package's attributes keep their roles: send_queue carries sends from other greenlets;
     recv_queue holds messages a helper read while keeping the connection alive (at most
@@ -220,6 +224,10 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         PINGS.file(self, next_second)
         waiter = self._waiter
         if waiter is not None:
+            # uWSGI writes the ping from here when nothing stands in the way (patch 0033): the
+            # view sleeps on.
+            if not self._busy and self._from_event_loop(_ping_nowait):
+                return
             # In the event loop, as an I/O watcher's callback would: straight into the waiting
             # receive(), with no callback scheduled for it.
             waiter.switch(None)
@@ -342,7 +350,7 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
         straight back to this greenlet (gevent's Waiter, as its own sockets do): no event
         object, no extra trip through the loop per message."""
         self._waiter = waiter = Waiter()
-        self._readable.start(waiter.switch, None)
+        self._readable.start(self._on_readable, waiter)
         try:
             waiter.get()
         finally:
@@ -350,6 +358,26 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
             self._waiter = None
         if self.send_queue:
             self._call(self._write)
+
+    def _on_readable(self, waiter):
+        """In the event loop, when the socket of a waiting receive() became readable. What an
+        idle connection's socket brings is the pong of its keep-alive ping: uWSGI takes it
+        there (patch 0032) and the view sleeps on. Anything else wakes it, with what was read
+        kept in uWSGI for its next read. While another uWSGI call for this connection is
+        under way (a helper's blocked send) the view is woken as before."""
+        if not self._busy and self._from_event_loop(_absorb_pongs):
+            return
+        waiter.switch(None)
+
+    def _from_event_loop(self, function):
+        """Call a uWSGI function that never blocks for this connection from the event loop:
+        uWSGI finds the request through the calling greenlet (see _call), here the hub."""
+        hub = getcurrent()
+        hub.uwsgi_wsgi_req = self._request
+        try:
+            return function()
+        finally:
+            del hub.uwsgi_wsgi_req
 
     def _wake(self):
         """Wake a waiting receive() from anywhere: the switch itself runs from the event loop
@@ -375,10 +403,11 @@ class GeventClient(flask_uwsgi_websocket.GeventWebSocketClient):
 
 
 class PingSweep:
-    """Wakes each connection of the worker when its keep-alive ping is due.
+    """Pings each connection of the worker when its keep-alive ping is due.
 
-    uWSGI pings from a read that finds nothing to read, once websockets-ping-freq whole seconds
-    of its clock (time(), like time.time() here) have passed since its last ping. Connections
+    uWSGI pings from a read that finds nothing to read (or, from the event loop, from
+    websocket_ping_nowait()), once websockets-ping-freq whole seconds of its clock
+    (gettimeofday(), like time.time() here) have passed since its last ping. Connections
     are filed under the whole second in which their next ping is due; one timer fires just
     after each such second begins and wakes that second's connections together: one wake-up
     of the worker for all of them, and no timer per connection (a libev timer and its callback
@@ -458,6 +487,9 @@ def _recv_nb_or_none():
 
 
 _try_recv = getattr(uwsgi, "websocket_try_recv", None) or _recv_nb_or_none
+# A stock uWSGI neither takes pongs nor writes pings for a waiting view: each wakes it.
+_absorb_pongs = getattr(uwsgi, "websocket_absorb_pongs", None) or (lambda: False)
+_ping_nowait = getattr(uwsgi, "websocket_ping_nowait", None) or (lambda: False)
 
 
 MAX_BUFFERED = 16  # messages read ahead of the view while keeping the connection alive

@@ -282,3 +282,79 @@ def test_one_uwsgi_call_at_a_time_and_a_killed_waiter_blocks_nobody():
     assert outcome["finished"] == 2, outcome
     # the killed forwarder's queued b"a" goes out with b"b": queued sends are the connection's
     assert outcome["log"] == ["slow", "a", "b", "after"], outcome
+
+
+KEEPALIVE_IN_THE_EVENT_LOOP = textwrap.dedent(
+    """
+    import json, socket, sys, time, types
+    import gevent
+
+    # A uWSGI stand-in for patches 0032 and 0033: the event loop's pong taking and ping writing
+    # say whether they dealt with the wake-up themselves (`handled`).
+    uwsgi = types.ModuleType("uwsgi")
+    uwsgi.websocket_opcode = lambda: 1  # what the message was: text
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    handled, calls, reads, sent = [True], [], [], []
+
+    def in_the_event_loop(name):
+        def call():
+            # the hub, carrying the view's request for the call (uWSGI finds it there)
+            current = gevent.getcurrent()
+            calls.append((name, current is gevent.get_hub(), getattr(current, "uwsgi_wsgi_req", None)))
+            if name == "absorb":
+                ours.recv(100)  # what uWSGI's read takes off the socket
+            return handled[0]
+        return call
+
+    def try_recv():
+        reads.append(1)
+        return b"message" if sent else None
+
+    import uwsgi_websocket_compat as compat   # outside uWSGI: the metrics count locally
+    compat.uwsgi, compat._try_recv = uwsgi, try_recv
+    sys.modules["uwsgi"] = uwsgi  # after the import: metrics counts locally without one
+    compat._absorb_pongs, compat._ping_nowait = in_the_event_loop("absorb"), in_the_event_loop("ping")
+    state = {}
+
+    def view():
+        gevent.getcurrent().uwsgi_wsgi_req = 7
+        state["client"] = client = compat.GeventClient({}, ours.fileno(), 5)
+        state["received"] = client.recv()
+
+    def settle():
+        gevent.sleep(0.05)
+        return len(reads)
+
+    view_greenlet = gevent.spawn(view)
+    at_start = settle()                       # the view read once, found nothing and waits
+    theirs.send(b"a pong")                    # taken in the event loop: the view sleeps on
+    after_pong = settle()
+    hub, later = gevent.get_hub(), int(time.time()) + 1000   # refiled far off: the real sweep stays out
+    hub.loop.run_callback(state["client"]._ping_due, later)   # the sweep: the ping is written there
+    after_ping = settle()
+    handled[0] = False
+    hub.loop.run_callback(state["client"]._ping_due, later)   # could not be: the view pings
+    after_refused_ping = settle()
+    sent.append(1)
+    theirs.send(b"a message")                 # not just pongs: the view reads
+    view_greenlet.join(5)
+    state["client"]._finish()
+    print(json.dumps({"reads": [at_start, after_pong, after_ping, after_refused_ping], "calls": calls,
+                      "received": state.get("received", b"").decode()}))
+    """
+)
+
+
+def test_pongs_and_pings_the_event_loop_deals_with_leave_the_waiting_view_asleep():
+    # uWSGI takes the pong (patch 0032) and writes the ping (0033) from the event loop for the
+    # compat layer's watcher and sweep; only what they could not deal with wakes the view.
+    result = run_python(KEEPALIVE_IN_THE_EVENT_LOOP, "flask-app", "common")
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["reads"][:3] == [1, 1, 1], outcome  # neither the pong nor the ping woke it
+    assert outcome["reads"][3] == 2, outcome  # the refused ping did
+    assert outcome["received"] == "message", outcome
+    # each call from the hub, with the view's request
+    assert [name for name, *_ in outcome["calls"]] == ["absorb", "ping", "ping", "absorb"], outcome
+    assert all(in_hub and request == 7 for _, in_hub, request in outcome["calls"]), outcome

@@ -1,11 +1,13 @@
 """Keep-alive pings of many idle WebSockets, on an app instance of its own pinging every 2 s.
 
 The pings of every connection due in the same second of the clock go out together, just after
-that second begins (uWSGI patch 0030 for the blocking receive, the compat layer's ping ping sweep
+that second begins (uWSGI patch 0030 for the blocking receive, the compat layer's ping sweep
 for flask-app): one wake-up of the worker for all of them, instead of one per connection at
-the moment it happened to connect. What must not change: each connection is pinged every
-interval, a message between pings is answered at once, and a peer that stops answering is
-still dropped after the pong tolerance.
+the moment it happened to connect. The event loop writes the ping and takes the pong itself
+(patches 0032 and 0033), without waking the connection's greenlet. What must not change: each
+connection is pinged every interval, a message between pings (even in the pong's own TCP
+segment) is answered at once, the client's own pings are answered, and a peer that stops
+answering is still dropped after the pong tolerance.
 """
 import threading
 import time
@@ -13,7 +15,7 @@ import time
 import pytest
 
 from local_processes import running_app_process
-from wsstack.rawws import PING, PONG, TEXT, RawWebSocket
+from wsstack.rawws import BINARY, PING, PONG, TEXT, RawWebSocket, encode_frame
 
 PING_FREQ = 2
 PONG_TOLERANCE = 3
@@ -119,6 +121,51 @@ def test_a_message_between_pings_is_echoed_at_once(pinging_app):
         frame = ws.recv_message(timeout=PING_FREQ)
         assert (frame.opcode, frame.payload) == (TEXT, b"between pings")
         assert time.monotonic() - sent < PING_FREQ / 2, "answered at the next ping, not at once"
+
+
+def first_ping(ws):
+    frame = ws.recv_frame(timeout=PING_FREQ + 2)
+    assert frame.opcode == PING, frame
+    return frame
+
+
+def test_a_message_in_the_tcp_segment_of_a_pong_is_echoed_at_once(pinging_app):
+    # The event loop reads the pong (patch 0032): what came with it must reach the app, not
+    # be taken with it or wait for the next ping.
+    with RawWebSocket(pinging_app) as ws:
+        for round_ in range(2):
+            ping = first_ping(ws)
+            sent = time.monotonic()
+            ws.send_raw(encode_frame(PONG, ping.payload) + encode_frame(TEXT, b"with the pong %d" % round_))
+            frame = ws.recv_message(timeout=PING_FREQ)
+            assert (frame.opcode, frame.payload) == (TEXT, b"with the pong %d" % round_)
+            assert time.monotonic() - sent < PING_FREQ / 2, "answered at the next ping, not at once"
+
+
+def test_a_pong_cut_across_tcp_writes_counts_and_what_follows_is_echoed(pinging_app):
+    with RawWebSocket(pinging_app) as ws:
+        ping = first_ping(ws)
+        pong = encode_frame(PONG, ping.payload + b" and more")
+        ws.send_raw(pong[:3])
+        time.sleep(0.2)  # the event loop reads the first bytes alone
+        ws.send_raw(pong[3:] + encode_frame(BINARY, b"\x00after"))
+        frame = ws.recv_message(timeout=PING_FREQ)
+        assert (frame.opcode, frame.payload) == (BINARY, b"\x00after")
+        # the pong counted: pinged again and again, never dropped for want of it
+        deadline = time.monotonic() + PONG_TOLERANCE + PING_FREQ + 1
+        while time.monotonic() < deadline:
+            frame = ws.recv_frame(timeout=PING_FREQ + 2)
+            assert frame.opcode == PING, frame
+            ws.send(PONG, frame.payload)
+
+
+def test_the_clients_own_ping_is_answered_while_the_connection_idles(pinging_app):
+    with RawWebSocket(pinging_app) as ws:
+        ws.send(PONG, first_ping(ws).payload)
+        time.sleep(PING_FREQ / 4)  # idle again, its socket watched by the event loop
+        ws.send(PING, b"are you there")
+        frame = ws.recv_frame(timeout=PING_FREQ)
+        assert (frame.opcode, frame.payload) == (PONG, b"are you there")
 
 
 def test_a_peer_that_stops_answering_pings_is_dropped_after_the_pong_tolerance(pinging_app):

@@ -35,6 +35,12 @@
  *    19 PY_CLOSE   code:u16be, len:u8, reason   uwsgi.websocket_close() of the Python plugin:
  *                  refused (ValueError) unless the code may be sent and the reason is UTF-8,
  *                  else uwsgi_websocket_close() then uwsgi_websocket_linger()
+ *    20 LOOP       the event loop's turn while the app waits for the socket itself (patches
+ *                  0032, 0033, as the compat layer's watcher and ping sweep call them): with
+ *                  bytes to read, uwsgi_websocket_absorb_pongs(); else the interval passes
+ *                  (ping freq seconds) and uwsgi_websocket_ping_nowait()
+ *   A RECV's wait (wait_read_hook) does the same as the gevent plugin's kept wait: the event
+ *   loop takes pongs while there is input, and writes the ping due when the wait times out.
  *   CLOSE (9) and IN_WAIT's close are the app's uwsgi_websocket_close() as the Python layer
  *   calls it: a code or reason it refuses (above) is not passed on.
  *   SENDARG: f:u8; f < 0x80: f bytes follow; else n:u16be, fill:u8, and the message is len
@@ -75,7 +81,7 @@
 
 extern struct uwsgi_server uwsgi;
 
-#define ACTIONS 20
+#define ACTIONS 21
 
 struct cursor {
 	const uint8_t *p;
@@ -444,8 +450,9 @@ static void end_request(struct fuzz_conn *c) {
 	struct wsgi_request *r = c->req;
 	// as uwsgi_close_request() begins: the rest of a close frame the graceful stop left cut goes
 	// out now (patch 0017), so nothing may be left half written but after a write that failed
-	// (the peer is gone anyway)
-	if (r->websocket_close_pending) uwsgi_websocket_request_end(r);
+	// (the peer is gone anyway); the rest of a ping the event loop left cut too (patch 0033)
+	if (r->websocket_close_pending || r->websocket_ping_cut) uwsgi_websocket_request_end(r);
+	if (r->websocket_ping_cut) fuzz_fail("conn %d: uwsgi_websocket_request_end() kept the cut ping", c->index);
 	if (r->websocket_close_pending) fuzz_fail("conn %d: uwsgi_websocket_request_end() kept the pending close frame", c->index);
 	if (c->headers_written && c->out_len && !c->write_broken && !r->write_errors && !c->peer_reset)
 		fuzz_fail("conn %d: ended inside a server frame (%zu bytes)", c->index, c->out_len);
@@ -755,6 +762,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
 			c->write_blocked = 1;
 			c->write_room = u8(&in);
 			c->write_wait_action = u8(&in) & 3;
+			break;
+		}
+		case 20: {
+			if (c->read_head < c->read_count) {
+				// all it read were pongs, taken: they hid no message
+				if (uwsgi_websocket_absorb_pongs(r)) ref_check(c, NULL, 0, r->websocket_close_sent, "absorb_pongs");
+			}
+			else {
+				fuzz_clock_us += (uint64_t) uwsgi.websockets_ping_freq * 1000000;
+				uwsgi_websocket_ping_nowait(r);
+			}
 			break;
 		}
 		}

@@ -13,7 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 (DATA, DATA16, EAGAIN, EOF, RESET, RECV_NB, RECV, SEND, SEND_BIN, CLOSE, GOING_AWAY, END, CLOCK, CLOCK_MS, WRITE_FAIL, WAIT_ERR,
- IN_WAIT, TRY_RECV, WRITE_BLOCK, PY_CLOSE) = range(20)
+ IN_WAIT, TRY_RECV, WRITE_BLOCK, PY_CLOSE, LOOP) = range(21)
 KEY = b"dGhlIHNhbXBsZSBub25jZQ=="
 MASK = b"\x37\xfa\x21\x3d"
 
@@ -169,6 +169,18 @@ SEEDS = {
     # the campaign's only harness bug: an empty message dropped after our 1001 is not one recv_nb returns
     "recv-nb-empty-message-after-our-close": session(data(frame(1) + frame(2, fin=False)), op(GOING_AWAY), op(RECV_NB)),
     "messages-after-our-close": session(op(CLOSE) + struct.pack(">H", 1000) + b"\x00", data(frame(1, b"dropped") + frame(8, close_payload(1000))), op(TRY_RECV)),
+    # patches 0032-0033: the event loop takes pongs and writes pings while the receive waits
+    "pongs-taken-while-waiting": session(op(EAGAIN), data(frame(10, b"p1")), data(frame(10) + frame(10, b"x" * 125)),
+                                         data(frame(1, b"after the pongs")), op(RECV)),
+    "pong-and-text-in-one-read": session(op(EAGAIN), data(frame(10) + frame(1, b"hi")), op(RECV)),
+    "pong-split-across-reads": session(op(EAGAIN), data(frame(10, b"split"), chunk=3), data(frame(2, b"b")), op(RECV)),
+    "pings-from-the-loop": session(op(RECV), data(frame(10)), op(EAGAIN), op(RECV_NB), config=0x04),
+    "loop-pings-and-takes-pongs": session(op(LOOP), data(frame(10)), op(LOOP), op(LOOP), data(frame(10)), op(LOOP),
+                                          data(frame(1, b"x")), op(LOOP), op(TRY_RECV), op(LOOP), op(TRY_RECV)),
+    "loop-ping-cut-then-send": session(write_block(1), op(LOOP), op(SEND) + b"\x02hi", op(END)),
+    "loop-ping-cut-then-going-away": session(write_block(1), op(LOOP), op(GOING_AWAY), op(TRY_RECV), op(END)),
+    "loop-ping-cut-then-end": session(write_block(1), op(LOOP), op(END)),
+    "pong-flood-taken-by-the-loop": session(op(EAGAIN), data16(frame(10) * 600), op(RECV), rate=0x03),
 }
 
 # The remote crash patch 0006 missed: a 1-byte non-final text fragment, then a continuation

@@ -97,7 +97,7 @@ static int fuzz_has_input(struct fuzz_conn *c) {
 
 // uwsgi_proto_base_read_body(): the bytes the HTTP parser read past the request first, then
 // the socket, which gives the next fuzzed read result. EOF and reset stay, as on a socket.
-static ssize_t fuzz_read_body(struct wsgi_request *wsgi_req, char *buf, size_t len) {
+ssize_t uwsgi_proto_base_read_body(struct wsgi_request *wsgi_req, char *buf, size_t len) {
 	if (wsgi_req->proto_parser_remains > 0) {
 		size_t n = wsgi_req->proto_parser_remains < len ? wsgi_req->proto_parser_remains : len;
 		memcpy(buf, wsgi_req->proto_parser_remains_buf, n);
@@ -157,9 +157,18 @@ static int fuzz_wait_read(int fd, int timeout) {
 		errno = EINTR;
 		return -1;
 	}
-	if (fuzz_has_input(c)) return 1;
-	fuzz_clock_us += (uint64_t) (timeout > 0 ? timeout : 0) * 1000000;
-	return 0;
+	// the event loop while the receive waits, as the gevent plugin's kept wait has it (patches
+	// 0032, 0033): it takes pongs as they come (a yield), and writes the ping due at the end
+	// of the wait and waits on; anything else ends the wait
+	for (;;) {
+		if (fuzz_has_input(c)) {
+			if (!uwsgi_websocket_absorb_pongs(c->req)) return 1;
+			c->yield_mark = c->delivered;
+			continue;
+		}
+		fuzz_clock_us += (uint64_t) (timeout > 0 ? timeout : 0) * 1000000;
+		if (!uwsgi_websocket_ping_nowait(c->req)) return 0;
+	}
 }
 
 // The socket is writable unless the peer stopped reading (WRITE_BLOCK). Then the writer's wait
@@ -213,7 +222,7 @@ static ssize_t fuzz_socket_write(struct fuzz_conn *c, const char *buf, size_t le
 
 // uwsgi_proto_base_write() (proto/base.c): one write from the request's write position, which
 // it advances; UWSGI_AGAIN while the buffer is not all out
-static int fuzz_proto_write(struct wsgi_request *wsgi_req, char *buf, size_t len) {
+int uwsgi_proto_base_write(struct wsgi_request *wsgi_req, char *buf, size_t len) {
 	struct fuzz_conn *c = fuzz_conn_of(wsgi_req);
 	// uWSGI keeps one write position per request: a write that starts while another one is
 	// partly out would send the other's rest from this buffer
@@ -389,8 +398,8 @@ void fuzz_stubs_init(void) {
 	uwsgi.wait_read_hook = fuzz_wait_read;
 	uwsgi.wait_write_hook = fuzz_wait_write;
 	uwsgi.wait_milliseconds_hook = fuzz_wait_milliseconds;
-	fuzz_socket.proto_read_body = fuzz_read_body;
-	fuzz_socket.proto_write = fuzz_proto_write;
+	fuzz_socket.proto_read_body = uwsgi_proto_base_read_body;
+	fuzz_socket.proto_write = uwsgi_proto_base_write;
 	int i;
 	for (i = 0; i < FUZZ_CONNS; i++) {
 		fuzz_conns[i].index = i;
